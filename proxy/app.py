@@ -1,0 +1,96 @@
+"""create_app(settings, overrides): wiring, app state, start-up and clean-up.
+
+Start-up (in ``cleanup_ctx``, so tear-down runs only after a successful start) opens the
+ledger database and applies migrations, opens the pooled upstream HTTP client, discovers
+local models in zero-config mode, and builds one provider per model: OpenAI-compatible
+ones on the shared aiohttp session, others through litellm (imported only then).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.api import middleware, routes
+from proxy.app_state import GATEWAY, Gateway
+from proxy.config import LITELLM_PROVIDERS, ModelConfig, Settings
+from proxy.discovery import discover_local
+from proxy.pipeline.auth import Authenticator
+from proxy.providers.base import Provider
+from proxy.providers.openai_compat import OpenAICompatible
+from proxy.redact import Redactor
+from proxy.storage.database import Database, open_database
+from proxy.storage.keys import KeyStore
+
+log = logging.getLogger("thrifty.app")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a test (or an embedding program) hands in instead of what settings name."""
+
+    database: Database | None = None
+
+
+def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Application:
+    overrides = overrides or Overrides()
+    app = web.Application(middlewares=[middleware.errors], client_max_size=settings.server.max_body_bytes)
+    routes.add_routes(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        db = overrides.database or await open_database(settings.ledger.url)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
+        providers: dict[str, Provider] = {}
+        try:
+            models = list(settings.models)
+            if settings.discover_local:
+                known = {m.name for m in models}
+                models += [m for m in await discover_local(session) if m.name not in known]
+            redact = Redactor(m.api_key for m in models if m.api_key)
+            for model in models:
+                providers[model.name] = _provider(model, session, redact)
+            keys = KeyStore(db)
+            gateway = Gateway(
+                settings=settings,
+                db=db,
+                keys=keys,
+                auth=Authenticator(settings.auth.master_key, keys.find, settings.auth.key_cache_seconds),
+                redact=redact,
+                models={m.name: m for m in models},
+                providers=providers,
+                models_body=_models_body(models),
+            )
+            app[GATEWAY] = gateway
+            if not models:
+                log.warning("no models configured or found; see README 'Configuration'")
+            if not settings.auth.master_key:
+                log.warning("no master key set (auth.master_key / THRIFTY_MASTER_KEY): only keys from `thrifty keys create` work")
+            yield
+        finally:
+            for provider in providers.values():
+                await provider.close()
+            await session.close()
+            if overrides.database is None:
+                await db.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def _provider(model: ModelConfig, session: aiohttp.ClientSession, redact: Redactor) -> Provider:
+    if model.provider in LITELLM_PROVIDERS:
+        from proxy.providers.litellm_adapter import LiteLLMProvider  # imports litellm: seconds
+
+        return LiteLLMProvider(model, redact)
+    return OpenAICompatible(session, model, redact)
+
+
+def _models_body(models: list[ModelConfig]) -> bytes:
+    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider} for m in models]
+    return orjson.dumps({"object": "list", "data": data})

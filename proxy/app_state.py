@@ -1,0 +1,41 @@
+"""The application's state, held in one typed aiohttp AppKey (no module globals)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy.config import ModelConfig, Settings
+from proxy.pipeline.auth import Authenticator
+from proxy.providers.base import Provider
+from proxy.redact import Redactor
+from proxy.storage.database import Database
+from proxy.storage.keys import KeyStore
+
+log = logging.getLogger("thrifty.app")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    db: Database
+    keys: KeyStore
+    auth: Authenticator
+    redact: Redactor
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    providers: dict[str, Provider] = field(default_factory=dict)
+    models_body: bytes = b'{"object":"list","data":[]}'
+
+    async def check_stores(self) -> list[str]:
+        """What keeps the proxy from being ready; empty when every store answers."""
+        problems = []
+        try:
+            await self.db.fetch("SELECT 1")
+        except Exception as exc:  # any driver error means "not reachable"
+            problems.append(f"ledger database unreachable ({type(exc).__name__})")
+        return problems
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

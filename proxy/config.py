@@ -1,0 +1,253 @@
+"""Settings: the only reader of the environment and of the configuration file.
+
+``load_settings`` runs once at start-up (and in each CLI command). It reads the YAML file
+named by ``--config`` or ``THRIFTY_CONFIG``, substitutes ``${ENV}`` references, validates
+every key into frozen dataclasses and raises :class:`ConfigError` naming the key and the
+line of the first problem. With no file at all it builds a zero-config ``Settings``:
+an SQLite ledger in the working directory, models from ``OPENAI_API_KEY`` /
+``ANTHROPIC_API_KEY``, and local servers probed at start-up (``proxy.discovery``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy import yamlsource
+from proxy.errors import ConfigError
+from proxy.yamlsource import Document
+
+# Providers spoken to directly over the OpenAI wire format (the hot path).
+OPENAI_COMPATIBLE = frozenset({"openai", "openai-compatible", "llamacpp", "ollama", "vllm", "lmstudio"})
+# Providers reached through litellm's adapters, imported only when one is configured.
+LITELLM_PROVIDERS = frozenset({"anthropic"})
+PROVIDERS = OPENAI_COMPATIBLE | LITELLM_PROVIDERS
+
+DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "ollama": "http://127.0.0.1:11434/v1",
+    "llamacpp": "http://127.0.0.1:8080/v1",
+    "lmstudio": "http://127.0.0.1:1234/v1",
+}
+LOCAL_PROVIDERS = frozenset({"llamacpp", "ollama", "lmstudio", "vllm"})
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds allowed to connect, to the first byte of the reply, and in all."""
+
+    connect: float = 5.0
+    first_byte: float = 120.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    provider: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    upstream_model: str = ""
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @property
+    def is_local(self) -> bool:
+        return self.provider in LOCAL_PROVIDERS
+
+    @property
+    def target_model(self) -> str:
+        """The name sent upstream (``upstream_model``, else the client-facing name)."""
+        return self.upstream_model or self.name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 4000
+    workers: int = 1
+    max_body_bytes: int = 8 * 1024 * 1024
+    drain_timeout: float = 30.0
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    master_key: str | None = field(default=None, repr=False)
+    # How long a looked-up key is trusted before the store is asked again: the bound on how
+    # long a revoked key keeps working on another process.
+    key_cache_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    url: str = "sqlite:///thrifty.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[ModelConfig, ...] = ()
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    source: str | None = None
+    # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
+    discover_local: bool = False
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every upstream API key, so logs and errors can be scrubbed of them."""
+        return tuple(m.api_key for m in self.models if m.api_key)
+
+
+def load_settings(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the configuration named by ``path`` or ``THRIFTY_CONFIG``, else zero-config."""
+    env = os.environ if env is None else env
+    path = path or env.get("THRIFTY_CONFIG") or None
+    if path is None:
+        return zero_config(env)
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", source=str(path)) from None
+    doc = yamlsource.parse(text, str(path), env)
+    return from_document(doc, env)
+
+
+def zero_config(env: Mapping[str, str]) -> Settings:
+    models = []
+    if env.get("OPENAI_API_KEY"):
+        base = env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URLS["openai"]
+        for name in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "text-embedding-3-small"):
+            models.append(ModelConfig(name, "openai", base, env["OPENAI_API_KEY"]))
+    if env.get("ANTHROPIC_API_KEY"):
+        for name in ("claude-sonnet-4-5", "claude-haiku-4-5"):
+            models.append(ModelConfig(name, "anthropic", DEFAULT_BASE_URLS["anthropic"], env["ANTHROPIC_API_KEY"]))
+    auth = AuthConfig(master_key=env.get("THRIFTY_MASTER_KEY") or None)
+    return Settings(models=tuple(models), auth=auth, discover_local=True)
+
+
+_TOP_KEYS = {"models", "auth", "ledger", "server"}
+
+
+def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
+    data = doc.data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise doc.error((), "the config file must be a mapping of sections")
+    _reject_unknown(doc, (), data, _TOP_KEYS)
+    models = _models(doc, data.get("models", []))
+    auth = _auth(doc, data.get("auth", {}), env)
+    ledger_data = _section(doc, ("ledger",), data.get("ledger", {}), {"url"})
+    ledger = LedgerConfig(url=_str(doc, ("ledger", "url"), ledger_data.get("url", LedgerConfig.url)))
+    if not ledger.url.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise doc.error(("ledger", "url"), "must start with sqlite:// or postgresql://")
+    server = _server(doc, data.get("server", {}))
+    return Settings(models=models, auth=auth, ledger=ledger, server=server, source=doc.source)
+
+
+def _models(doc: Document, items: Any) -> tuple[ModelConfig, ...]:
+    if not isinstance(items, list):
+        raise doc.error(("models",), "must be a list of models")
+    seen: set[str] = set()
+    out = []
+    keys = {"name", "provider", "base_url", "api_key", "upstream_model", "timeouts"}
+    for index, item in enumerate(items):
+        path = ("models", index)
+        item = _section(doc, path, item, keys)
+        name = _str(doc, (*path, "name"), item.get("name"), required=True)
+        if name in seen:
+            raise doc.error((*path, "name"), f"model {name!r} is defined twice")
+        seen.add(name)
+        provider = _str(doc, (*path, "provider"), item.get("provider", "openai"))
+        if provider not in PROVIDERS:
+            raise doc.error((*path, "provider"), f"unknown provider {provider!r}; one of {', '.join(sorted(PROVIDERS))}")
+        base_url = item.get("base_url") or DEFAULT_BASE_URLS.get(provider)
+        base_url = _str(doc, (*path, "base_url"), base_url, required=True)
+        if not base_url.startswith(("http://", "https://")):
+            raise doc.error((*path, "base_url"), "must be an http:// or https:// URL")
+        api_key = item.get("api_key")
+        if api_key is not None:
+            api_key = _str(doc, (*path, "api_key"), api_key) or None
+        timeouts = _timeouts(doc, (*path, "timeouts"), item.get("timeouts", {}))
+        upstream_model = _str(doc, (*path, "upstream_model"), item.get("upstream_model", ""))
+        out.append(ModelConfig(name, provider, base_url.rstrip("/"), api_key, upstream_model, timeouts))
+    return tuple(out)
+
+
+def _timeouts(doc: Document, path: yamlsource.Path, data: Any) -> Timeouts:
+    data = _section(doc, path, data, {"connect", "first_byte", "total"})
+    values = {k: _positive(doc, (*path, k), v) for k, v in data.items()}
+    return Timeouts(**values)
+
+
+def _auth(doc: Document, data: Any, env: Mapping[str, str]) -> AuthConfig:
+    data = _section(doc, ("auth",), data, {"master_key", "key_cache_seconds"})
+    master = data.get("master_key")
+    if master is not None:
+        master = _str(doc, ("auth", "master_key"), master)
+    master = master or env.get("THRIFTY_MASTER_KEY") or None
+    if master is not None and len(master) < 16:
+        raise doc.error(("auth", "master_key"), "must be at least 16 characters")
+    ttl = _positive(doc, ("auth", "key_cache_seconds"), data.get("key_cache_seconds", AuthConfig.key_cache_seconds))
+    return AuthConfig(master_key=master, key_cache_seconds=ttl)
+
+
+def _server(doc: Document, data: Any) -> ServerConfig:
+    keys = {"host", "port", "workers", "max_body_bytes", "drain_timeout", "access_log"}
+    data = _section(doc, ("server",), data, keys)
+    base = ServerConfig()
+    access_log = data.get("access_log", base.access_log)
+    if not isinstance(access_log, bool):
+        raise doc.error(("server", "access_log"), "must be true or false")
+    return ServerConfig(
+        host=_str(doc, ("server", "host"), data.get("host", base.host)),
+        port=_int(doc, ("server", "port"), data.get("port", base.port), 0, 65535),
+        workers=_int(doc, ("server", "workers"), data.get("workers", base.workers), 1, 256),
+        max_body_bytes=_int(doc, ("server", "max_body_bytes"), data.get("max_body_bytes", base.max_body_bytes), 1024),
+        drain_timeout=_positive(doc, ("server", "drain_timeout"), data.get("drain_timeout", base.drain_timeout)),
+        access_log=access_log,
+    )
+
+
+def _section(doc: Document, path: yamlsource.Path, data: Any, known: set[str]) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise doc.error(path, "must be a mapping")
+    _reject_unknown(doc, path, data, known)
+    return data
+
+
+def _reject_unknown(doc: Document, path: yamlsource.Path, data: dict[str, Any], known: set[str]) -> None:
+    for key in data:
+        if key not in known:
+            raise doc.error((*path, key), f"unknown key; expected one of {', '.join(sorted(known))}")
+
+
+def _str(doc: Document, path: yamlsource.Path, value: Any, *, required: bool = False) -> str:
+    if value is None or value == "":
+        if required:
+            raise doc.error(path, "is required")
+        return ""
+    if not isinstance(value, str):
+        raise doc.error(path, "must be a string")
+    return value
+
+
+def _int(doc: Document, path: yamlsource.Path, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise doc.error(path, "must be an integer")
+    if value < low or (high is not None and value > high):
+        raise doc.error(path, f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+    return value
+
+
+def _positive(doc: Document, path: yamlsource.Path, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise doc.error(path, "must be a positive number of seconds")
+    return float(value)

@@ -1,0 +1,1 @@
+"""Upstream providers behind one small interface (``proxy.providers.base.Provider``)."""

@@ -1,0 +1,63 @@
+"""Schema migrations for the SQLite and PostgreSQL stores, applied in order at open.
+
+Each migration is a version number and its statements; ``schema_migrations`` records
+which versions a database has. Migrations only add (tables, columns, indexes): a newer
+thrifty opens an older database, and an older one refuses a newer database by name.
+"""
+
+from __future__ import annotations
+
+import time
+
+from proxy.errors import ConfigError
+from proxy.storage.database import Database
+
+# (version, statements); {serial} and {real} are spelled per dialect.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE IF NOT EXISTS api_keys (
+                id TEXT PRIMARY KEY,
+                key_hash TEXT NOT NULL UNIQUE,
+                prefix TEXT NOT NULL,
+                team TEXT NOT NULL,
+                app TEXT,
+                role TEXT NOT NULL,
+                created_at {real} NOT NULL,
+                revoked_at {real}
+            )""",
+            "CREATE INDEX IF NOT EXISTS api_keys_team ON api_keys (team)",
+        ),
+    ),
+)
+
+_DIALECT = {
+    "sqlite": {"real": "REAL", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgresql": {"real": "DOUBLE PRECISION", "serial": "BIGSERIAL PRIMARY KEY"},
+}
+
+
+async def apply(db: Database) -> None:
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at {real} NOT NULL)".format(
+            **_DIALECT[db.dialect]
+        )
+    )
+    rows = await db.fetch("SELECT version FROM schema_migrations")
+    have = {r[0] for r in rows}
+    latest = MIGRATIONS[-1][0]
+    if have and max(have) > latest:
+        raise ConfigError(
+            f"ledger.url: the database has schema version {max(have)}, newer than this thrifty ({latest}); upgrade thrifty"
+        )
+    for version, statements in MIGRATIONS:
+        if version in have:
+            continue
+        for statement in statements:
+            await db.execute(statement.format(**_DIALECT[db.dialect]))
+        await db.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            version,
+            time.time(),
+        )
