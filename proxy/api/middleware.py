@@ -21,7 +21,7 @@ from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ThriftyError
 
 log = logging.getLogger("thrifty.api")
 
-REQUEST_ID = "thrifty_request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 _JSON = "application/json"
 
 
