@@ -8,9 +8,12 @@ ones on the shared aiohttp session, others through litellm (imported only then).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -19,8 +22,12 @@ from aiohttp import web
 from proxy.api import middleware, routes
 from proxy.app_state import GATEWAY, Gateway
 from proxy.config import LITELLM_PROVIDERS, ModelConfig, Settings
+from proxy.cost.prices import PriceTable, load_litellm_prices, overrides_from_config
+from proxy.cost.tokens import TokenCounter
+from proxy.cost.writer import LedgerWriter
 from proxy.discovery import discover_local
 from proxy.pipeline.auth import Authenticator
+from proxy.pipeline.ledger import Ledger
 from proxy.providers.base import Provider
 from proxy.providers.openai_compat import OpenAICompatible
 from proxy.redact import Redactor
@@ -47,6 +54,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
         providers: dict[str, Provider] = {}
+        stack = contextlib.AsyncExitStack()
         try:
             models = list(settings.models)
             if settings.discover_local:
@@ -56,12 +64,15 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             for model in models:
                 providers[model.name] = _provider(model, session, redact)
             keys = KeyStore(db)
+            ledger = await _ledger(settings, db, {m.name: m for m in models})
+            stack.push_async_callback(ledger.writer.close)
             gateway = Gateway(
                 settings=settings,
                 db=db,
                 keys=keys,
                 auth=Authenticator(settings.auth.master_key, keys.find, settings.auth.key_cache_seconds),
                 redact=redact,
+                ledger=ledger,
                 models={m.name: m for m in models},
                 providers=providers,
                 models_body=_models_body(models),
@@ -70,9 +81,12 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             if not models:
                 log.warning("no models configured or found; see README 'Configuration'")
             if not settings.auth.master_key:
-                log.warning("no master key set (auth.master_key / THRIFTY_MASTER_KEY): only keys from `thrifty keys create` work")
+                log.warning(
+                    "no master key set (auth.master_key / THRIFTY_MASTER_KEY): only keys from `thrifty keys create` work"
+                )
             yield
         finally:
+            await stack.aclose()  # the ledger writer flushes before the database closes
             for provider in providers.values():
                 await provider.close()
             await session.close()
@@ -81,6 +95,16 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+async def _ledger(settings: Settings, db: Database, models: dict[str, ModelConfig]) -> Ledger:
+    litellm_prices = await asyncio.to_thread(load_litellm_prices)
+    prices = PriceTable(litellm_prices, overrides_from_config(settings.prices))
+    counter = TokenCounter()
+    await asyncio.to_thread(counter.warm)
+    writer = LedgerWriter(db, Path(settings.ledger.spill_dir), max_buffer=settings.ledger.buffer_records)
+    writer.start()
+    return Ledger(prices, counter, writer, models)
 
 
 def _provider(model: ModelConfig, session: aiohttp.ClientSession, redact: Redactor) -> Provider:

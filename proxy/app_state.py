@@ -9,6 +9,7 @@ from aiohttp import web
 
 from proxy.config import ModelConfig, Settings
 from proxy.pipeline.auth import Authenticator
+from proxy.pipeline.ledger import Ledger
 from proxy.providers.base import Provider
 from proxy.redact import Redactor
 from proxy.storage.database import Database
@@ -24,6 +25,7 @@ class Gateway:
     keys: KeyStore
     auth: Authenticator
     redact: Redactor
+    ledger: Ledger
     models: dict[str, ModelConfig] = field(default_factory=dict)
     providers: dict[str, Provider] = field(default_factory=dict)
     models_body: bytes = b'{"object":"list","data":[]}'

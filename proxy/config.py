@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,19 @@ class AuthConfig:
 @dataclass(frozen=True)
 class LedgerConfig:
     url: str = "sqlite:///thrifty.db"
+    # Where records wait on disk while the store is unreachable (append-only, replayed on return).
+    spill_dir: str = "thrifty-spill"
+    # Records held in memory while the store is down, before they go to the spill file.
+    buffer_records: int = 20_000
+
+
+@dataclass(frozen=True)
+class PriceConfig:
+    """An admin's price for one model, USD per 1M tokens."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,7 @@ class Settings:
     auth: AuthConfig = field(default_factory=AuthConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    prices: Mapping[str, PriceConfig] = field(default_factory=dict)
     source: str | None = None
     # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
     discover_local: bool = False
@@ -130,7 +145,7 @@ def zero_config(env: Mapping[str, str]) -> Settings:
     return Settings(models=tuple(models), auth=auth, discover_local=True)
 
 
-_TOP_KEYS = {"models", "auth", "ledger", "server"}
+_TOP_KEYS = {"models", "auth", "ledger", "server", "prices"}
 
 
 def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
@@ -142,12 +157,55 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
     _reject_unknown(doc, (), data, _TOP_KEYS)
     models = _models(doc, data.get("models", []))
     auth = _auth(doc, data.get("auth", {}), env)
-    ledger_data = _section(doc, ("ledger",), data.get("ledger", {}), {"url"})
-    ledger = LedgerConfig(url=_str(doc, ("ledger", "url"), ledger_data.get("url", LedgerConfig.url)))
-    if not ledger.url.startswith(("sqlite://", "postgresql://", "postgres://")):
-        raise doc.error(("ledger", "url"), "must start with sqlite:// or postgresql://")
+    ledger = _ledger(doc, data.get("ledger", {}))
     server = _server(doc, data.get("server", {}))
-    return Settings(models=models, auth=auth, ledger=ledger, server=server, source=doc.source)
+    prices = _prices(doc, data.get("prices", {}))
+    return Settings(models=models, auth=auth, ledger=ledger, server=server, prices=prices, source=doc.source)
+
+
+def _ledger(doc: Document, data: Any) -> LedgerConfig:
+    data = _section(doc, ("ledger",), data, {"url", "spill_dir", "buffer_records"})
+    base = LedgerConfig()
+    url = _str(doc, ("ledger", "url"), data.get("url", base.url))
+    if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise doc.error(("ledger", "url"), "must start with sqlite:// or postgresql://")
+    return LedgerConfig(
+        url=url,
+        spill_dir=_str(doc, ("ledger", "spill_dir"), data.get("spill_dir", base.spill_dir), required=True),
+        buffer_records=_int(doc, ("ledger", "buffer_records"), data.get("buffer_records", base.buffer_records), 100),
+    )
+
+
+def _prices(doc: Document, data: Any) -> dict[str, PriceConfig]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise doc.error(("prices",), "must map model names to {input, output, cached_input} in USD per 1M tokens")
+    out = {}
+    for model, entry in data.items():
+        path = ("prices", model)
+        entry = _section(doc, path, entry, {"input", "output", "cached_input"})
+        if "input" not in entry or "output" not in entry:
+            raise doc.error(path, "needs input and output (USD per 1M tokens)")
+        cached = entry.get("cached_input")
+        out[model] = PriceConfig(
+            input=_money(doc, (*path, "input"), entry["input"]),
+            output=_money(doc, (*path, "output"), entry["output"]),
+            cached_input=None if cached is None else _money(doc, (*path, "cached_input"), cached),
+        )
+    return out
+
+
+def _money(doc: Document, path: yamlsource.Path, value: Any) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise doc.error(path, "must be a number (USD per 1M tokens)")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise doc.error(path, "must be a number (USD per 1M tokens)") from None
+    if not amount.is_finite() or amount < 0:
+        raise doc.error(path, "must be a non-negative number")
+    return amount
 
 
 def _models(doc: Document, items: Any) -> tuple[ModelConfig, ...]:
@@ -165,7 +223,9 @@ def _models(doc: Document, items: Any) -> tuple[ModelConfig, ...]:
         seen.add(name)
         provider = _str(doc, (*path, "provider"), item.get("provider", "openai"))
         if provider not in PROVIDERS:
-            raise doc.error((*path, "provider"), f"unknown provider {provider!r}; one of {', '.join(sorted(PROVIDERS))}")
+            raise doc.error(
+                (*path, "provider"), f"unknown provider {provider!r}; one of {', '.join(sorted(PROVIDERS))}"
+            )
         base_url = item.get("base_url") or DEFAULT_BASE_URLS.get(provider)
         base_url = _str(doc, (*path, "base_url"), base_url, required=True)
         if not base_url.startswith(("http://", "https://")):

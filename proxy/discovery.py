@@ -21,19 +21,19 @@ LOCAL_SERVERS = (("ollama", DEFAULT_BASE_URLS["ollama"]), ("llamacpp", DEFAULT_B
 
 
 async def discover_local(
-    session: aiohttp.ClientSession, servers: tuple[tuple[str, str], ...] = LOCAL_SERVERS, timeout: float = 0.5
+    session: aiohttp.ClientSession, servers: tuple[tuple[str, str], ...] = LOCAL_SERVERS, probe_seconds: float = 0.5
 ) -> list[ModelConfig]:
-    results = await asyncio.gather(*(_probe(session, p, url, timeout) for p, url in servers))
+    results = await asyncio.gather(*(_probe(session, p, url, probe_seconds) for p, url in servers))
     return [model for found in results for model in found]
 
 
-async def _probe(session: aiohttp.ClientSession, provider: str, base_url: str, timeout: float) -> list[ModelConfig]:
+async def _probe(session: aiohttp.ClientSession, provider: str, base_url: str, probe_seconds: float) -> list[ModelConfig]:
     try:
-        async with session.get(f"{base_url}/models", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(f"{base_url}/models", timeout=aiohttp.ClientTimeout(total=probe_seconds)) as resp:
             if resp.status != 200:
                 return []
             data = orjson.loads(await resp.read())
-    except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+    except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
         return []
     models = []
     for entry in data.get("data", []) if isinstance(data, dict) else []:

@@ -117,8 +117,6 @@ def _substitute(value: str, path: Path, env: Mapping[str, str], source: str, lin
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(
-            f"{format_path(path)}: environment variable {name} is not set", source=source, line=line
-        )
+        raise ConfigError(f"{format_path(path)}: environment variable {name} is not set", source=source, line=line)
 
     return _ENV_REF.sub(replace, value)

@@ -47,7 +47,7 @@ def settings_for(upstream_url: str, tmp_path: Path, **server: object) -> Setting
     return Settings(
         models=models,
         auth=AuthConfig(master_key=MASTER_KEY),
-        ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'thrifty.db'}"),
+        ledger=LedgerConfig(url=f"sqlite:///{tmp_path / 'thrifty.db'}", spill_dir=str(tmp_path / "spill")),
         server=replace(ServerConfig(), **server),  # type: ignore[arg-type]
     )
 

@@ -45,7 +45,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> ThriftyError:
     if exc.status == 404:
         return NotFound(f"Unknown path {request.path!r}; see GET /v1/models and POST /v1/chat/completions.")
     if exc.status == 405:
-        error = BadRequest(f"Method {request.method} is not allowed on {request.path!r}.", code="method_not_allowed")
+        error: ThriftyError = BadRequest(f"Method {request.method} is not allowed on {request.path!r}.", code="method_not_allowed")
         error.status = 405
         return error
     error = ThriftyError(exc.text or exc.reason)

@@ -8,16 +8,22 @@ is in hand, so a failure before that is still an ordinary error response.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
 
 from proxy.api import wire
 from proxy.api.middleware import REQUEST_ID
+from proxy.api.sse import StreamTap, cost_comment
 from proxy.app_state import GATEWAY, Gateway
+from proxy.cost.pricing import usage_from_openai, usd
 from proxy.errors import ModelNotFound, NotReady, ThriftyError, UpstreamUnavailable
 from proxy.pipeline.auth import Principal, bearer_token
+from proxy.pipeline.exchange import Exchange
 from proxy.providers.base import Call, Reply
 
 log = logging.getLogger("thrifty.api")
@@ -33,58 +39,111 @@ async def _authenticate(gateway: Gateway, request: web.Request) -> Principal:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    gateway = request.app[GATEWAY]
-    await _authenticate(gateway, request)
-    parsed = wire.parse_chat(await request.read())
-    return await _forward(request, gateway, parsed, "chat/completions")
+    return await _proxied(request, "chat/completions", wire.parse_chat)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _proxied(request, "embeddings", wire.parse_embeddings)
+
+
+async def _proxied(
+    request: web.Request, endpoint: str, parse: Callable[[bytes], wire.ParsedRequest]
+) -> web.StreamResponse:
+    """Authenticate, then run the pipeline; every authenticated request leaves one ledger record."""
     gateway = request.app[GATEWAY]
-    await _authenticate(gateway, request)
-    parsed = wire.parse_embeddings(await request.read())
-    return await _forward(request, gateway, parsed, "embeddings")
+    principal = await _authenticate(gateway, request)
+    exchange = Exchange(request[REQUEST_ID], endpoint, principal=principal)
+    try:
+        parsed = parse(await request.read())
+        return await _forward(request, gateway, parsed, exchange)
+    except ThriftyError as exc:
+        exchange.status, exchange.error_code = exc.status, exc.code or exc.type
+        raise
+    except asyncio.CancelledError:
+        exchange.status, exchange.error_code = 499, "client_disconnected"
+        raise
+    except Exception:
+        exchange.status, exchange.error_code = 500, "internal_error"
+        raise
+    finally:
+        gateway.ledger.record(exchange)
 
 
-async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRequest, endpoint: str) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, gateway: Gateway, parsed: wire.ParsedRequest, exchange: Exchange
+) -> web.StreamResponse:
+    exchange.requested_model, exchange.payload, exchange.stream = parsed.model, parsed.payload, parsed.stream
+    tag_header = request.headers.get("x-thrifty-tags")
+    if tag_header or "metadata" in parsed.payload:
+        exchange.tags = wire.parse_tags(tag_header, parsed.payload.get("metadata"))
     target = gateway.models.get(parsed.model)
     if target is None:
-        raise ModelNotFound(f"The model '{parsed.model}' does not exist or is not configured on this gateway.", param="model")
-    call = Call(endpoint, wire.for_target(parsed, target.target_model), parsed.payload, parsed.stream, target)
+        raise ModelNotFound(
+            f"The model '{parsed.model}' does not exist or is not configured on this gateway.", param="model"
+        )
+    exchange.target = target
+    body, added_usage = wire.for_target(parsed, target.target_model)
+    call = Call(exchange.endpoint, body, parsed.payload, parsed.stream, target)
+    exchange.upstream_started = time.perf_counter()
     reply = await gateway.providers[target.name].send(call)
-    headers = {"x-request-id": request[REQUEST_ID], "x-thrifty-model": target.name}
-    if reply.chunks is None:
-        headers["Content-Type"] = reply.content_type
-        return web.Response(status=reply.status, body=reply.body, headers=headers)
-    return await _relay(request, reply, headers)
+    headers = {"x-request-id": exchange.request_id, "x-thrifty-model": target.name}
+    if reply.chunks is not None:
+        return await _relay(request, gateway, exchange, reply, headers, added_usage)
+    exchange.first_byte = exchange.upstream_done = time.perf_counter()
+    exchange.usage = wire.usage_of(reply.body)
+    priced = gateway.ledger.price(exchange)
+    headers["x-thrifty-cost-usd"] = usd(priced.cost)
+    headers["x-thrifty-savings-usd"] = usd(priced.net_savings)
+    headers["Content-Type"] = reply.content_type
+    return web.Response(status=reply.status, body=reply.body, headers=headers)
 
 
-async def _relay(request: web.Request, reply: Reply, headers: dict[str, str]) -> web.StreamResponse:
+async def _relay(
+    request: web.Request, gateway: Gateway, exchange: Exchange, reply: Reply, headers: dict[str, str], hide_usage: bool
+) -> web.StreamResponse:
     chunks = reply.chunks
     assert chunks is not None
+    tap = StreamTap(hide_usage)
     try:
         first = await anext(chunks, b"")  # errors here still become a normal error response
+        exchange.first_byte = time.perf_counter()
         response = web.StreamResponse(status=reply.status, headers={**_EVENT_STREAM_HEADERS, **headers})
         await response.prepare(request)
-        tail = first[-32:]
         try:
-            if first:
-                await response.write(first)
+            out = tap.feed(first)
+            if out:
+                await response.write(out)
             async for chunk in chunks:
-                await response.write(chunk)
-                tail = (tail + chunk)[-32:]
+                out = tap.feed(chunk)
+                if out:
+                    await response.write(out)
         except ThriftyError as exc:  # the upstream broke off after bytes reached the client
-            log.warning("stream for request %s broke off: %s", request[REQUEST_ID], exc.message)
+            log.warning("stream for request %s broke off: %s", exchange.request_id, exc.message)
+            exchange.status, exchange.error_code = exc.status, exc.code or exc.type
             await response.write(wire.sse_error(exc))
             return response
-        if b"[DONE]" not in tail:
+        exchange.upstream_done = time.perf_counter()
+        if not tap.done:
             incomplete = UpstreamUnavailable("The upstream ended the stream before it was complete.")
+            exchange.status, exchange.error_code = incomplete.status, incomplete.code
             await response.write(wire.sse_error(incomplete))
             return response
+        _settle(exchange, tap)
+        priced = gateway.ledger.price(exchange)
+        await response.write(cost_comment(usd(priced.cost), usd(priced.net_savings)) + wire.SSE_DONE)
         await response.write_eof()
         return response
     finally:
+        if exchange.usage is None:
+            _settle(exchange, tap)
         await reply.aclose()
+
+
+def _settle(exchange: Exchange, tap: StreamTap) -> None:
+    """Usage from the stream, or the relayed text for the ledger to count."""
+    exchange.usage = usage_from_openai(tap.usage) if tap.usage else None
+    if exchange.usage is None:
+        exchange.streamed_text = tap.text()
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -102,7 +161,11 @@ async def ready(request: web.Request) -> web.Response:
     problems = await gateway.check_stores()
     if problems:
         raise NotReady("Not ready: " + "; ".join(problems))
-    body = {"status": "ready", "models": len(gateway.models), "config": gateway.settings.source or "(none: zero-config)"}
+    body = {
+        "status": "ready",
+        "models": len(gateway.models),
+        "config": gateway.settings.source or "(none: zero-config)",
+    }
     return web.Response(body=orjson.dumps(body), headers={"Content-Type": _JSON})
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from proxy.cost.pricing import Usage, usage_from_openai
 from proxy.errors import BadRequest, ThriftyError
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -60,9 +61,7 @@ def parse_chat(raw: bytes) -> ParsedRequest:
     model = _model(payload)
     messages = payload.get("messages")
     if messages is None:
-        raise BadRequest(
-            "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter"
-        )
+        raise BadRequest("Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array.", param="messages", code="invalid_type")
     for index, message in enumerate(messages):
@@ -83,13 +82,47 @@ def parse_embeddings(raw: bytes) -> ParsedRequest:
     return ParsedRequest(model, False, payload, raw)
 
 
-def for_target(request: ParsedRequest, upstream_model: str) -> bytes:
-    """The body to send upstream: the client's own bytes unless the model name must change."""
-    if upstream_model == request.model:
-        return request.raw
-    payload = dict(request.payload)
-    payload["model"] = upstream_model
-    return orjson.dumps(payload)
+def for_target(request: ParsedRequest, upstream_model: str) -> tuple[bytes, bool]:
+    """The body to send upstream, and whether thrifty added ``include_usage`` itself.
+
+    The client's own bytes go through unless something must change: the model name (an
+    alias), or ``stream_options.include_usage``, which every stream asks for so that it
+    can be priced; the route then hides that usage chunk from a client that did not ask.
+    """
+    changes: dict[str, Any] = {}
+    if upstream_model != request.model:
+        changes["model"] = upstream_model
+    added_usage = False
+    if request.stream:
+        options = request.payload.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage")):
+            changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            added_usage = True
+    if not changes:
+        return request.raw, False
+    return orjson.dumps({**request.payload, **changes}), added_usage
+
+
+def parse_tags(header: str | None, metadata: Any) -> dict[str, str] | None:
+    """Tags from ``x-thrifty-tags: a=1, b`` and the request's ``metadata`` object."""
+    tags: dict[str, str] = {}
+    if isinstance(metadata, dict):
+        tags.update({str(k): str(v) for k, v in metadata.items()})
+    if header:
+        for item in header.split(","):
+            key, _, value = item.partition("=")
+            if key.strip():
+                tags[key.strip()[:64]] = value.strip()[:256]
+    return tags or None
+
+
+def usage_of(body: bytes) -> Usage | None:
+    """The ``usage`` of a JSON reply, if it has one."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return usage_from_openai(data.get("usage")) if isinstance(data, dict) else None
 
 
 def sse_error(exc: ThriftyError) -> bytes:

@@ -8,7 +8,6 @@ in the order and sizes they arrive: nothing is buffered.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -36,7 +35,7 @@ class OpenAICompatible:
         url = f"{self._target.base_url}/{call.endpoint}"
         try:
             resp = await self._session.post(url, data=call.body, headers=self._headers, timeout=self._timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout(f"upstream for model {self._target.name!r} did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(self._unreachable(exc)) from None
@@ -44,7 +43,7 @@ class OpenAICompatible:
         if resp.status >= 400:
             try:
                 body = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 body = b""
             finally:
                 resp.release()
@@ -53,7 +52,7 @@ class OpenAICompatible:
             return Reply(resp.status, content_type, chunks=self._relay(resp))
         try:
             body = await resp.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             resp.close()
             raise UpstreamTimeout(f"upstream for model {self._target.name!r} did not finish in time") from None
         except aiohttp.ClientError as exc:
@@ -67,7 +66,7 @@ class OpenAICompatible:
             async for chunk in resp.content.iter_any():
                 yield chunk
             finished = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout(f"upstream for model {self._target.name!r} stalled mid-stream") from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(self._unreachable(exc, mid_stream=True)) from None

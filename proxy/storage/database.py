@@ -157,9 +157,8 @@ class PostgresDatabase:
             await conn.execute(to_postgres(sql), *args)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await conn.executemany(to_postgres(sql), list(rows))
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.executemany(to_postgres(sql), list(rows))
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         async with self._pool.acquire() as conn:

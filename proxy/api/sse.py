@@ -1,0 +1,99 @@
+"""Server-sent events on the stream path: split, read usage, hide what was not asked for.
+
+:class:`StreamTap` sits between the upstream's SSE bytes and the client. It splits the
+bytes into events (holding back only an incomplete trailing event), reads ``usage`` from
+whichever event carries it (the last chunk may carry both ``choices`` and ``usage``), and,
+when thrifty itself asked the upstream for ``stream_options.include_usage``, hides that
+usage from a client that did not ask for it. ``data: [DONE]`` is withheld so the route can
+put the request's cost (an SSE comment, ignored by SDKs) just before it. Content events are
+kept raw so tokens can be counted when no usage comes back (llama.cpp, a cut-off stream).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_DONE = b"data: [DONE]"
+
+
+class StreamTap:
+    def __init__(self, hide_usage: bool):
+        self._hide = hide_usage
+        self._pending = b""
+        self._events: list[bytes] = []
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to relay now: every complete event in ``chunk`` (plus what was pending)."""
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._pending + chunk if self._pending else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._pending = data
+            return b""
+        self._pending = data[end + 2 :]
+        out = []
+        for event in data[: end + 2].split(b"\n\n"):
+            if not event:
+                continue
+            kept = self._event(event)
+            if kept is not None:
+                out.append(kept)
+        return b"\n\n".join(out) + b"\n\n" if out else b""
+
+    def _event(self, event: bytes) -> bytes | None:
+        if event.startswith(_DONE):
+            self.done = True
+            return None
+        if _USAGE.search(event) is None:
+            self._events.append(event)
+            return event
+        payload = _payload(event)
+        if payload is None:
+            return event
+        self.usage = payload.get("usage")
+        if not self._hide:
+            return event
+        if not payload.get("choices"):
+            return None  # the usage-only chunk thrifty asked for
+        payload.pop("usage", None)
+        self._events.append(event)
+        return b"data: " + orjson.dumps(payload)
+
+    def text(self) -> list[str]:
+        """The content relayed so far (text and tool-call arguments), for counting tokens."""
+        parts: list[str] = []
+        for event in self._events:
+            payload = _payload(event)
+            for choice in (payload or {}).get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if not isinstance(delta, dict):
+                    continue
+                if isinstance(delta.get("content"), str):
+                    parts.append(delta["content"])
+                for call in delta.get("tool_calls") or ():
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
+                        parts.extend(str(function.get(k) or "") for k in ("name", "arguments"))
+        return parts
+
+
+def _payload(event: bytes) -> dict[str, Any] | None:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                value = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def cost_comment(cost_usd: str, savings_usd: str) -> bytes:
+    return f": thrifty cost_usd={cost_usd} savings_usd={savings_usd}\n\n".encode()

@@ -1,0 +1,128 @@
+"""Stage: ledger. Prices an exchange and hands its record to the background writer.
+
+``price`` runs before a non-streamed response leaves (its figures go in the
+``x-thrifty-cost-usd`` / ``x-thrifty-savings-usd`` headers) and at the end of a stream;
+``record`` runs once per exchange, on every path (served, failed, cancelled), and never
+waits on the store. Tokens come from the upstream's ``usage``; only where none came back
+are they counted with tiktoken (flagged ``usage_source = "counted"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import orjson
+
+from proxy.config import ModelConfig
+from proxy.cost.prices import Price, PriceTable
+from proxy.cost.pricing import Charge, Usage, charge
+from proxy.cost.record import LedgerRecord
+from proxy.cost.tokens import TokenCounter
+from proxy.cost.writer import LedgerWriter
+from proxy.pipeline.exchange import Exchange
+
+log = logging.getLogger("thrifty.ledger")
+
+
+class Ledger:
+    def __init__(self, prices: PriceTable, counter: TokenCounter, writer: LedgerWriter, models: dict[str, ModelConfig]):
+        self._counter = counter
+        self.writer = writer
+        self._prices = prices
+        self._by_model: dict[str, Price] = {name: prices.for_model(m) for name, m in models.items()}
+
+    def price_of(self, model: str) -> Price:
+        found = self._by_model.get(model) or self._prices.for_name(model)
+        return found or Price.free("unknown")
+
+    def usage(self, exchange: Exchange) -> Usage:
+        """The upstream's usage, or a count of what was sent and what was relayed."""
+        if exchange.usage is not None:
+            return exchange.usage
+        model = exchange.target.target_model if exchange.target else exchange.requested_model
+        messages = (exchange.payload or {}).get("messages") or ()
+        prompt = self._counter.count_messages(messages, model) if messages else 0
+        text = "".join(exchange.streamed_text or ())
+        completion = self._counter.count_text(text, model)
+        return Usage(prompt, completion, source="counted")
+
+    def price(self, exchange: Exchange) -> Charge:
+        usage = exchange.usage = self.usage(exchange)
+        served = self.price_of(exchange.target.name) if exchange.target else Price.free("none")
+        requested = self.price_of(exchange.requested_model) if exchange.requested_model else served
+        before = exchange.prompt_tokens_before if exchange.prompt_tokens_before is not None else usage.prompt_tokens
+        exchange.charge = charge(
+            requested=requested,
+            served=served,
+            usage=usage,
+            prompt_tokens_before=before,
+            cache_hit=exchange.cache in ("exact", "semantic"),
+        )
+        return exchange.charge
+
+    def record(self, exchange: Exchange) -> None:
+        if exchange.recorded:
+            return
+        exchange.recorded = True
+        try:
+            self.writer.submit(self._record(exchange))
+        except Exception:  # pricing must never fail a request; the log says what was lost
+            log.exception("could not build the ledger record of request %s", exchange.request_id)
+
+    def _record(self, exchange: Exchange) -> LedgerRecord:
+        served_upstream = exchange.upstream_started is not None
+        if exchange.charge is None and (served_upstream or exchange.usage is not None):
+            self.price(exchange)
+        usage = exchange.usage or Usage(0, 0, source="none")
+        priced = exchange.charge or Charge(0, 0, 0, 0, 0)
+        price = self.price_of(exchange.target.name) if exchange.target else None
+        principal = exchange.principal
+        payload = exchange.payload or {}
+        user = payload.get("user")
+        return LedgerRecord(
+            id=uuid.uuid4().hex,
+            request_id=exchange.request_id,
+            ts=exchange.ts,
+            endpoint=exchange.endpoint,
+            key_id=principal.key_id if principal else None,
+            team=principal.team if principal else None,
+            app=principal.app if principal else None,
+            user_id=user if isinstance(user, str) else None,
+            tags=orjson.dumps(exchange.tags).decode() if exchange.tags else None,
+            requested_model=exchange.requested_model,
+            served_model=exchange.target.name if exchange.target else None,
+            provider=exchange.target.provider if exchange.target else None,
+            route=exchange.route,
+            policy_version=exchange.policy_version,
+            cache=exchange.cache,
+            stream=exchange.stream,
+            prompt_tokens_before=exchange.prompt_tokens_before
+            if exchange.prompt_tokens_before is not None
+            else usage.prompt_tokens,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            usage_source=usage.source,
+            price_input=str(price.input) if price else None,
+            price_output=str(price.output) if price else None,
+            price_cached_input=str(price.cached_input) if price else None,
+            price_source=price.source if price else None,
+            cost_nusd=priced.cost,
+            baseline_nusd=priced.baseline,
+            savings_cache_nusd=priced.savings_cache,
+            savings_routing_nusd=priced.savings_routing,
+            savings_pruning_nusd=priced.savings_pruning,
+            overhead_nusd=priced.overhead,
+            latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+            upstream_ms=_span(exchange.upstream_started, exchange.upstream_done),
+            ttft_ms=_span(exchange.upstream_started, exchange.first_byte),
+            status=exchange.status,
+            error_code=exchange.error_code,
+        )
+
+
+def _span(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round((end - start) * 1000, 3)
