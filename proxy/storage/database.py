@@ -74,6 +74,7 @@ class SQLiteDatabase:
     def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor):
         self._conn = conn
         self._executor = executor
+        self._closed = False
 
     @classmethod
     async def open(cls, path: str) -> SQLiteDatabase:
@@ -106,14 +107,24 @@ class SQLiteDatabase:
         await self._run(self._executemany, sql, list(rows))
 
     def _executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
-        with self._conn:  # one transaction for the batch
+        # One transaction for the batch. The connection is in autocommit mode
+        # (isolation_level=None), where ``with conn:`` begins nothing: BEGIN it here.
+        self._conn.execute("BEGIN")
+        try:
             self._conn.executemany(sql, rows)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         result: list[Row] = await self._run(lambda: self._conn.execute(sql, args).fetchall())
         return result
 
     async def close(self) -> None:
+        if self._closed:  # idempotent, as asyncpg's pool is
+            return
+        self._closed = True
         await self._run(self._conn.close)
         self._executor.shutdown(wait=True)
 

