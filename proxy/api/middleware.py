@@ -64,7 +64,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http(exc, request), request_id)
+        response = error_response(_from_http(exc, request), request_id)
+        if "Allow" in exc.headers:  # a 405 must name the methods that are allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (ConnectionResetError, BrokenPipeError):
         raise  # the client went away; nothing to answer
     except Exception:
