@@ -11,6 +11,7 @@ flagged ``price_source = "unknown"`` in its ledger record, with one warning in t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from proxy.config import ModelConfig
@@ -50,11 +52,17 @@ def litellm_price_file() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_litellm_prices(path: Path | None = None) -> dict[str, Price]:
+def load_litellm_prices(path: Path | None = None) -> Mapping[str, Price]:
     path = path or litellm_price_file()
     if path is None:
         log.warning("litellm's price map was not found; only prices from the config are known")
         return {}
+    return _read_price_file(path)
+
+
+@functools.cache
+def _read_price_file(path: Path) -> Mapping[str, Price]:
+    """Parsed once per process (a read-only view): the file changes only with litellm."""
     raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     table = {}
     for name, entry in raw.items():
@@ -63,14 +71,15 @@ def load_litellm_prices(path: Path | None = None) -> dict[str, Price]:
         price = _from_litellm(entry)
         if price is not None:
             table[name] = price
-    return table
+    return MappingProxyType(table)
 
 
 def _per_million(value: Any) -> Decimal | None:
     if value is None:
         return None
     try:
-        return (Decimal(str(value)) * MILLION).normalize()
+        # normalize() drops trailing zeros; format(..., 'f') keeps it out of exponent form (10, not 1E+1)
+        return Decimal(format((Decimal(str(value)) * MILLION).normalize(), "f"))
     except ArithmeticError:
         return None
 
