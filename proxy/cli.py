@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from proxy.config import Settings, load_settings
+from proxy.cost.report_cli import add_report_parser, run_report
 from proxy.errors import ConfigError
 
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     _config_option(revoke)
     revoke.add_argument("key_id")
+    add_report_parser(commands)
     return parser
 
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "serve":
             return _serve(settings, args)
+        if args.command == "report":
+            return asyncio.run(run_report(settings, args))
         return asyncio.run(_keys(settings, args))
     except ConfigError as exc:
         print(f"thrifty: error: {exc}", file=sys.stderr)

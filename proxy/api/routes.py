@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.api import wire
 from proxy.api.middleware import REQUEST_ID
+from proxy.api.reports import add_report_routes
 from proxy.api.sse import StreamTap, cost_comment
 from proxy.app_state import GATEWAY, Gateway
 from proxy.cost.pricing import usage_from_openai, usd
@@ -176,3 +177,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    add_report_routes(app)
