@@ -23,8 +23,8 @@ from proxy.redact import Redactor
 @dataclass(frozen=True, slots=True)
 class Call:
     endpoint: str  # "chat/completions" or "embeddings"
-    body: bytes  # the JSON body to send, model already rewritten for the target
-    payload: dict[str, Any]  # the same body, parsed
+    body: bytes  # the JSON body to send: the model name rewritten, include_usage added to streams
+    payload: dict[str, Any]  # the client's request as it came, parsed (may differ from body)
     stream: bool
     target: ModelConfig
 
