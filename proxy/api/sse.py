@@ -30,9 +30,9 @@ class StreamTap:
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to relay now: every complete event in ``chunk`` (plus what was pending)."""
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
         data = self._pending + chunk if self._pending else chunk
+        if b"\r" in data:  # on the joined bytes: a chunk may end between \r and \n
+            data = data.replace(b"\r\n", b"\n")
         end = data.rfind(b"\n\n")
         if end < 0:
             self._pending = data
@@ -58,12 +58,13 @@ class StreamTap:
         if payload is None:
             return event
         self.usage = payload.get("usage")
+        if payload.get("choices"):
+            self._events.append(event)  # its content counts too, whoever asked for the usage
         if not self._hide:
             return event
         if not payload.get("choices"):
             return None  # the usage-only chunk thrifty asked for
         payload.pop("usage", None)
-        self._events.append(event)
         return b"data: " + orjson.dumps(payload)
 
     def text(self) -> list[str]:

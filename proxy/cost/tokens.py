@@ -18,8 +18,10 @@ from typing import Any
 
 import tiktoken
 
-# Per-message framing in OpenAI's chat format (role, separators) and the reply primer.
+# Per-message framing in OpenAI's chat format (role, separators), one more for a `name`, and the
+# reply primer: the counts of OpenAI's cookbook (How_to_count_tokens_with_tiktoken), which match the API.
 _PER_MESSAGE = 3
+_PER_NAME = 1
 _REPLY_PRIMER = 3
 _IMAGE_TOKENS = 85
 _CL100K_PREFIXES = ("gpt-3.5", "gpt-4-", "gpt-4", "text-embedding")
@@ -73,7 +75,7 @@ class TokenCounter:
         for message in messages:
             if not isinstance(message, dict):
                 continue
-            total += _PER_MESSAGE
+            total += _PER_MESSAGE + (_PER_NAME if isinstance(message.get("name"), str) else 0)
             for text in _texts(message):
                 total += len(encoding.encode(text, disallowed_special=()))
             content = message.get("content")

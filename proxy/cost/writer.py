@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -29,9 +30,7 @@ from proxy.storage.database import Database
 log = logging.getLogger("thrifty.ledger")
 
 BATCH = 1000
-_INSERT = (
-    f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (id) DO NOTHING"
-)
+_INSERT = f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 
 
 class LedgerWriter:
@@ -45,6 +44,7 @@ class LedgerWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
+        self._spills_waiting = False
         self.written = 0
         self.spilled = 0
 
@@ -74,25 +74,29 @@ class LedgerWriter:
             await self._replay_spills()
             await self._drain()
         except Exception as exc:  # the store is down at shutdown: keep everything on disk
-            log.warning(
-                "ledger store unavailable at shutdown (%s); spilling %d records", type(exc).__name__, len(self._buffer)
-            )
+            log.warning("ledger store unavailable at shutdown (%s); spilling %d records", type(exc).__name__, len(self._buffer))
+            self._release_claims()
         if self._buffer:
             self._spill(len(self._buffer))
 
     async def _run(self) -> None:
-        await self._attempt(self._replay_spills)
+        await self._attempt(self._recover)
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
             if self._failures:
-                await asyncio.sleep(min(0.25 * 2 ** min(self._failures, 7), 10.0))
-                if not await self._attempt(self._replay_spills):
-                    self._spill_overflow()
-                    continue
-            if not await self._attempt(self._drain):
+                # capped low: the buffer grows for as long as the writer sleeps
+                await asyncio.sleep(min(0.25 * 2 ** min(self._failures, 7), 2.0))
+            step = self._recover if self._failures or self._spills_waiting else self._drain
+            if not await self._attempt(step):
                 self._spill_overflow()
+
+    async def _recover(self) -> None:
+        """Spill files first, then the buffer, as one attempt: a store still down is one failure
+        (a replay with nothing to replay must not count as the store being back)."""
+        await self._replay_spills()
+        await self._drain()
 
     async def _attempt(self, step: Callable[[], Awaitable[None]]) -> bool:
         try:
@@ -102,9 +106,7 @@ class LedgerWriter:
         except Exception as exc:  # any driver or OS error: the store is unreachable for now
             self._failures += 1
             if self._failures == 1 or self._failures % 50 == 0:
-                log.warning(
-                    "ledger store unavailable (%s: %s); %d records buffered", type(exc).__name__, exc, len(self._buffer)
-                )
+                log.warning("ledger store unavailable (%s: %s); %d records buffered", type(exc).__name__, exc, len(self._buffer))
             return False
         if self._failures:
             log.info("ledger store reachable again after %d failed attempts", self._failures)
@@ -144,18 +146,46 @@ class LedgerWriter:
             self.written += len(rows)
             log.info("replayed %d ledger records from %s", len(rows), path.name)
 
+    def _release_claims(self) -> None:
+        """Hand the files this process claimed back under a plain spill name, for the next start."""
+        pid = os.getpid()
+        for path in self._spill_dir.glob(f"ledger-*{_CLAIM}*") if self._spill_dir.is_dir() else ():
+            if _owner(path.name) == pid:
+                base = path.name.split(_CLAIM)[0].removesuffix(".jsonl")
+                path.rename(path.with_name(f"{base}.{secrets.token_hex(4)}.jsonl"))
+
     def _claim_spills(self) -> list[Path]:
+        """Rename spill files to ``<name>.replaying-<pid>-<random>``: ours until replayed.
+
+        Every claim gets a new name (a file claimed earlier and not yet replayed is never
+        overwritten), and a claim left by a process that has died (a crash, or a shutdown
+        with the store down) is taken over rather than left behind.
+        """
+        self._spills_waiting = False
         if not self._spill_dir.is_dir():
             return []
-        claimed = list(self._spill_dir.glob(f"*.replaying-{os.getpid()}"))  # ours, from a failed replay
-        for path in sorted(self._spill_dir.glob("ledger-*.jsonl")):
-            try:
-                quiet = time.time() - path.stat().st_mtime > 2.0
-            except FileNotFoundError:
+        pid = os.getpid()
+        claimed = []
+        for path in sorted(self._spill_dir.glob("ledger-*")):
+            name = path.name
+            if _CLAIM in name:
+                owner = _owner(name)
+                if owner == pid:
+                    claimed.append(path)  # ours, from a failed replay
+                    continue
+                if owner is None or _alive(owner):
+                    continue  # another live process is replaying it
+            elif not name.endswith(".jsonl"):
                 continue
-            if path != self._spill_file and not quiet:
-                continue  # another live process may still be appending to it
-            target = path.with_name(f"{path.name}.replaying-{os.getpid()}")
+            elif path != self._spill_file:
+                try:
+                    quiet = time.time() - path.stat().st_mtime > 2.0
+                except FileNotFoundError:
+                    continue
+                if not quiet:
+                    self._spills_waiting = True  # another live process may still be appending to it
+                    continue
+            target = path.with_name(f"{name.split(_CLAIM)[0]}{_CLAIM}{pid}-{secrets.token_hex(4)}")
             try:
                 path.rename(target)  # atomic: only one process claims a file
             except FileNotFoundError:
@@ -164,11 +194,36 @@ class LedgerWriter:
         return claimed
 
 
+_CLAIM = ".replaying-"
+
+
+def _owner(name: str) -> int | None:
+    pid = name.rsplit(_CLAIM, 1)[1].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def _read_spill(path: Path) -> Iterator[LedgerRecord]:
     with open(path, "rb") as src:
         for line in src:
             if line.strip():
                 try:
-                    yield from_json(orjson.loads(line))
+                    data = orjson.loads(line)
                 except orjson.JSONDecodeError:
+                    data = None
+                if isinstance(data, dict) and data.keys() >= _FIELDS:
+                    yield from_json(data)
+                else:  # one bad line must not hold back the others (nor every later replay)
                     log.error("skipping a torn line in %s (a crash mid-write)", path.name)
+
+
+_FIELDS = frozenset(COLUMNS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from decimal import Decimal
 
 import orjson
 
@@ -72,8 +73,12 @@ class Ledger:
             log.exception("could not build the ledger record of request %s", exchange.request_id)
 
     def _record(self, exchange: Exchange) -> LedgerRecord:
-        served_upstream = exchange.upstream_started is not None
-        if exchange.charge is None and (served_upstream or exchange.usage is not None):
+        # Priced when the upstream answered (its usage, or a count of what it sent) or when the
+        # client left while the upstream was at work (it may bill for that); an error returned
+        # instead of an answer was not billed, and is recorded with no tokens at no cost.
+        answered = exchange.first_byte is not None
+        abandoned = exchange.upstream_started is not None and exchange.status == 499
+        if exchange.charge is None and (answered or abandoned or exchange.usage is not None):
             self.price(exchange)
         usage = exchange.usage or Usage(0, 0, source="none")
         priced = exchange.charge or Charge(0, 0, 0, 0, 0)
@@ -106,9 +111,9 @@ class Ledger:
             cached_tokens=usage.cached_tokens,
             reasoning_tokens=usage.reasoning_tokens,
             usage_source=usage.source,
-            price_input=str(price.input) if price else None,
-            price_output=str(price.output) if price else None,
-            price_cached_input=str(price.cached_input) if price else None,
+            price_input=_plain(price.input) if price else None,
+            price_output=_plain(price.output) if price else None,
+            price_cached_input=_plain(price.cached_input) if price else None,
             price_source=price.source if price else None,
             cost_nusd=priced.cost,
             baseline_nusd=priced.baseline,
@@ -122,6 +127,11 @@ class Ledger:
             status=exchange.status,
             error_code=exchange.error_code,
         )
+
+
+def _plain(value: Decimal) -> str:
+    """A unit price as a plain decimal (litellm's 1e-05 a token is "10" per 1M, never "1E+1")."""
+    return format(value, "f")
 
 
 def _span(start: float | None, end: float | None) -> float | None:
