@@ -25,6 +25,7 @@ from proxy.storage.database import Database
 
 FORMATS = ("table", "csv", "json", "html")
 NONE_LABEL = "(none)"
+_MANY = frozenset({"user", "key"})  # grouping keys with possibly thousands of values
 _BOM = "\ufeff"  # lets Excel read the CSV as UTF-8; csv readers take it with encoding="utf-8-sig"
 
 
@@ -36,21 +37,30 @@ class Output:
 
 
 async def produce(db: Database, query: ReportQuery, fmt: str, *, now: datetime | None = None) -> Output:
-    """Query the store and render ``fmt``; HTML adds one more query for its charts."""
+    """Query the store and render ``fmt`` (the HTML page also needs views by day and by team)."""
     now = now or datetime.now(UTC)
-    report = await reports.run(db, query)
     stem = f"thrifty-report-{_slug(query.label)}"
+    if fmt == "html":
+        return Output(await _html(db, query, now), "text/html; charset=utf-8", stem + ".html")
+    report = await reports.run(db, query)
     if fmt == "csv":
         return Output(to_csv(report), "text/csv; charset=utf-8", stem + ".csv")
     if fmt == "json":
         return Output(to_json(report, now), "application/json", stem + ".json")
-    if fmt == "html":
-        from proxy.cost.report_html import render_html
-
-        charts = report if set(query.by) == {"day", "team"} else await reports.run(db, _with_by(query, ("day", "team")))
-        page = render_html(report, reports.regroup(charts, ("day",)), reports.regroup(charts, ("team",)), now)
-        return Output(page, "text/html; charset=utf-8", stem + ".html")
     return Output(to_table(report), "text/plain; charset=utf-8", stem + ".txt")
+
+
+async def _html(db: Database, query: ReportQuery, now: datetime) -> str:
+    """The page needs the report and its by-day and by-team views: one scan when the groups stay few."""
+    from proxy.cost.report_html import render_html
+
+    charts_by = ("day", "team")
+    if _MANY.isdisjoint(query.by):  # one query by (asked + day + team), folded three ways
+        fine = await reports.run(db, _with_by(query, tuple(dict.fromkeys((*query.by, *charts_by)))))
+        report, charts = reports.regroup(fine, query.by), fine
+    else:  # per user or per key: days x users may be many rows, so ask twice instead
+        report, charts = await reports.run(db, query), await reports.run(db, _with_by(query, charts_by))
+    return render_html(report, reports.regroup(charts, ("day",)), reports.regroup(charts, ("team",)), now)
 
 
 def _with_by(query: ReportQuery, by: tuple[str, ...]) -> ReportQuery:

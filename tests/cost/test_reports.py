@@ -10,6 +10,7 @@ import asyncio
 import csv
 import io
 import json
+import re
 import shutil
 import time
 from collections import defaultdict
@@ -320,12 +321,21 @@ def test_json_has_the_query_rows_and_exact_totals(november: reports.Report) -> N
     assert any(r["team"] is None for r in doc["rows"])
 
 
+def total_cells(page: str) -> list[str]:
+    row = page.split('<tr class="total">', 1)[1].split("</tr>", 1)[0]
+    return re.findall(r'<td class="n">([^<]*)</td>', row)
+
+
 async def test_html_has_svg_charts_and_nothing_external(tmp_path: Path) -> None:
     db = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
     try:
         await insert(db, [*sample(7, 800, DAYS), record("2026-11-04T09:00:00", team="<script>alert(1)</script>")])
         page = (await produce(db, make_query(period="2026-11", by="team"), "html", now=NOW)).body
         empty = (await produce(db, make_query(period="2026-10"), "html", now=NOW)).body
+        for by in ("user,model", "cache,day"):  # asked twice, or folded from one query
+            other = (await produce(db, make_query(period="2026-11", by=by), "html", now=NOW)).body
+            assert f"By {by.replace(',', ', ')}" in other and other.count("<svg") == 3
+            assert total_cells(other) == total_cells(page) and len(total_cells(page)) == len(reports.METRICS)
     finally:
         await db.close()
     (tmp_path / "report.html").write_text(page, encoding="utf-8")
