@@ -125,6 +125,26 @@ def usage_of(body: bytes) -> Usage | None:
     return usage_from_openai(data.get("usage")) if isinstance(data, dict) else None
 
 
+def reply_texts(body: bytes) -> list[str]:
+    """The generated text of a JSON reply (content and tool-call arguments), for counting."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    parts: list[str] = []
+    for choice in data.get("choices") or () if isinstance(data, dict) else ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        if isinstance(message.get("content"), str):
+            parts.append(message["content"])
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                parts.extend(str(function.get(k) or "") for k in ("name", "arguments"))
+    return parts
+
+
 def sse_error(exc: ThriftyError) -> bytes:
     """An error event in a stream: the OpenAI SDKs raise on a data event with an 'error' key."""
     return b"data: " + orjson.dumps(exc.body()) + b"\n\n"

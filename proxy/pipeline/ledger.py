@@ -43,8 +43,14 @@ class Ledger:
         if exchange.usage is not None:
             return exchange.usage
         model = exchange.target.target_model if exchange.target else exchange.requested_model
-        messages = (exchange.payload or {}).get("messages") or ()
-        prompt = self._counter.count_messages(messages, model) if messages else 0
+        payload = exchange.payload or {}
+        messages = payload.get("messages") or ()
+        if messages:
+            prompt = self._counter.count_messages(messages, model)
+        else:  # embeddings: the input strings
+            inputs = payload.get("input")
+            texts = [inputs] if isinstance(inputs, str) else [t for t in inputs or () if isinstance(t, str)]
+            prompt = sum(self._counter.count_text(t, model) for t in texts)
         text = "".join(exchange.streamed_text or ())
         completion = self._counter.count_text(text, model)
         return Usage(prompt, completion, source="counted")
