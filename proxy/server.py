@@ -6,14 +6,18 @@ SIGTERM (or SIGINT) drains: the listening socket closes at once, idle keep-alive
 connections are closed, in-flight requests and streams get up to
 ``server.drain_timeout`` seconds to finish, then clean-up runs and the process exits 0.
 With ``--workers N`` the parent supervises: it forwards SIGTERM, restarts a worker that
-dies unexpectedly, and exits 0 once every worker has drained.
+dies unexpectedly, and exits 0 once every worker has drained. The address is bound and
+the database opened (and migrated) before anything else starts, so a taken port or an
+unreachable store is one ``ConfigError`` line and exit code 2, never a restart loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -25,6 +29,7 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from proxy.config import Settings
+from proxy.errors import ConfigError
 
 log = logging.getLogger("thrifty.server")
 
@@ -51,10 +56,34 @@ def run_worker(settings: Settings, reuse_port: bool) -> int:
     return 0
 
 
+def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """The listening address, bound before any start-up work so a taken port fails at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except OSError as exc:  # socket.gaierror included
+        raise ConfigError(f"server.host: cannot listen on {host!r}: {exc.strerror or exc}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        key = "server.host" if exc.errno == errno.EADDRNOTAVAIL else "server.port"
+        raise ConfigError(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 async def _run(settings: Settings, reuse_port: bool) -> None:
     from proxy.app import create_app
 
     server = settings.server
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a signal during start-up drains too
+        loop.add_signal_handler(sig, stop.set)
+    sock = bind(server.host, server.port, reuse_port=reuse_port)
     runner = web.AppRunner(
         create_app(settings),
         handle_signals=False,
@@ -63,15 +92,13 @@ async def _run(settings: Settings, reuse_port: bool) -> None:
         handler_cancellation=True,  # a client that disconnects cancels its upstream call
         shutdown_timeout=server.drain_timeout,
     )
-    await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None, backlog=2048)
-    await site.start()
-    port = runner.addresses[0][1] if runner.addresses else server.port
-    log.info("thrifty listening on http://%s:%s", server.host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    await web.SockSite(runner, sock, backlog=2048).start()
+    log.info("thrifty listening on http://%s:%s", server.host, sock.getsockname()[1])
     await stop.wait()
     log.info("draining: no new connections; waiting up to %ss for requests in flight", server.drain_timeout)
     started = time.monotonic()
@@ -94,8 +121,25 @@ def _close_connections(runner: web.AppRunner) -> None:
         connection.force_close()
 
 
+# A worker that cannot start for a reason a restart will not fix (a bad setting, a store
+# that refuses it) exits with this code, and the supervisor stops instead of restarting.
+EXIT_CONFIG = 2
+
+
 def _worker_main(settings: Settings) -> None:
-    sys.exit(run_worker(settings, reuse_port=True))
+    try:
+        code = run_worker(settings, reuse_port=True)
+    except ConfigError as exc:
+        log.error("worker cannot start: %s", exc)
+        code = EXIT_CONFIG
+    sys.exit(code)
+
+
+async def _check_database(url: str) -> None:
+    from proxy.storage.database import open_database
+
+    db = await open_database(url)  # migrates once here, not N times at once in the workers
+    await db.close()
 
 
 def _supervise(settings: Settings) -> int:
@@ -104,49 +148,63 @@ def _supervise(settings: Settings) -> int:
     setup_logging(settings.secrets())
     # Bind once here (not listening) to resolve port 0 and to fail early on a taken port;
     # the workers bind the same port with SO_REUSEPORT.
-    holder = socket.socket(socket.AF_INET6 if ":" in settings.server.host else socket.AF_INET)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((settings.server.host, settings.server.port))
-    settings = replace(settings, server=replace(settings.server, port=holder.getsockname()[1]))
-    ctx = multiprocessing.get_context("spawn")
-    stopping = False
+    holder = bind(settings.server.host, settings.server.port, reuse_port=True)
+    try:
+        asyncio.run(_check_database(settings.ledger.url))
+        return _run_workers(replace(settings, server=replace(settings.server, port=holder.getsockname()[1])))
+    finally:
+        holder.close()
 
-    def start() -> BaseProcess:
-        process = ctx.Process(target=_worker_main, args=(settings,), daemon=False)
-        process.start()
-        return process
+
+def _run_workers(settings: Settings) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    workers: list[BaseProcess] = []
+    stop_signal: int | None = None
+    signalled: set[int] = set()
+
+    def forward() -> None:
+        for process in workers:
+            if process.pid is not None and process.pid not in signalled and process.is_alive():
+                signalled.add(process.pid)
+                os.kill(process.pid, stop_signal or signal.SIGTERM)
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for process in workers:
-            if process.is_alive() and process.pid is not None:
-                process.terminate() if signum == signal.SIGTERM else _send(process, signum)
+        nonlocal stop_signal
+        stop_signal = signum
+        forward()
 
-    workers = [start() for _ in range(settings.server.workers)]
+    def start() -> None:
+        process = ctx.Process(target=_worker_main, args=(settings,), daemon=False)
+        process.start()
+        workers.append(process)
+        if stop_signal is not None:  # the signal came while this one was starting
+            forward()
+
+    # Handlers first: a SIGTERM while workers start must not leave them orphaned.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    for _ in range(settings.server.workers):
+        start()
     log.info("supervising %d workers on port %d", len(workers), settings.server.port)
     restarts: list[float] = []
+    code = 0
     while workers:
         wait([p.sentinel for p in workers], timeout=1.0)
         for process in [p for p in workers if not p.is_alive()]:
             workers.remove(process)
-            if stopping:
+            if stop_signal is not None:
+                continue
+            if process.exitcode == EXIT_CONFIG:
+                log.error("worker %s could not start; stopping", process.pid)
+                code = EXIT_CONFIG
+                on_signal(signal.SIGTERM, None)
                 continue
             log.error("worker %s exited with code %s; restarting it", process.pid, process.exitcode)
             restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
             if len(restarts) > 5 * settings.server.workers:
                 log.error("workers keep dying; giving up")
+                code = 1
                 on_signal(signal.SIGTERM, None)
-                return 1
-            workers.append(start())
-    holder.close()
-    return 0
-
-
-def _send(process: BaseProcess, signum: int) -> None:
-    import os
-
-    assert process.pid is not None
-    os.kill(process.pid, signum)
+                continue
+            start()
+    return code

@@ -1,4 +1,5 @@
-"""Real PostgreSQL and Redis for the tests: the machine's own servers, else embedded ones.
+"""Real servers for the tests: PostgreSQL and Redis (the machine's own, else embedded ones),
+and ``thrifty serve`` itself as a subprocess (:class:`Served`).
 
 ``postgres_server`` and ``redis_url`` are session-scoped: they use the server at
 127.0.0.1:5432 / 6379 when a quick socket probe finds one, and otherwise start one on a
@@ -19,12 +20,16 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -36,6 +41,10 @@ T = TypeVar("T")
 
 LOCAL_POSTGRES = ("127.0.0.1", 5432)
 LOCAL_REDIS = ("127.0.0.1", 6379)
+
+
+THRIFTY = str(Path(sys.executable).with_name("thrifty"))  # the installed console script
+LISTENING = re.compile(r"thrifty listening on http://([^:\s]+):(\d+)")
 
 
 def embedded_forced() -> bool:
@@ -194,3 +203,63 @@ def redis_url() -> Iterator[str]:
         yield server.connection_url + "/0"
     finally:
         server.stop()
+
+
+class Served:
+    """``thrifty serve`` in a subprocess, its stderr read line by line on a thread."""
+
+    def __init__(self, config: Path, *args: str) -> None:
+        command = [THRIFTY, "serve", "--config", str(config), "--port", "0", *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("THRIFTY_")}
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=config.parent,
+        )
+        self.lines: list[str] = []
+        self._closed = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str | re.Pattern[str], count: int = 1, timeout: float = 60) -> list[re.Match[str]]:
+        """The first ``count`` log lines matching ``pattern``, waiting for them to appear."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [m for m in map(regex.search, self.lines) if m]
+                if len(found) >= count:
+                    return found[:count]
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0:
+                    pytest.fail(f"no {count} lines matching {regex.pattern!r}; log:\n" + "\n".join(self.lines))
+                self._changed.wait(left)
+
+    @property
+    def port(self) -> int:
+        return int(self.wait_for(LISTENING)[0].group(2))
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def exit_code(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)

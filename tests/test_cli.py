@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,9 +19,8 @@ from proxy.config import AuthConfig
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream
 from tests.servers import ThreadServer
-from tests.services import free_port
+from tests.services import THRIFTY, free_port
 
-THRIFTY = str(Path(sys.executable).with_name("thrifty"))
 # Variables that would change what a command reads; each test sets what it needs.
 _SCRUBBED = ("THRIFTY_CONFIG", "THRIFTY_MASTER_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL")
 
@@ -192,6 +191,23 @@ def test_an_unreachable_ledger_stops_serve_with_one_line(tmp_path: Path) -> None
     result = thrifty("serve", "--config", str(config), "--port", "0", cwd=tmp_path)
     assert result.returncode == 2
     assert "ledger.url: cannot connect to PostgreSQL" in one_error_line(result)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_one_line(config: Path, workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = thrifty("serve", "--config", str(config), "--port", str(port), "--workers", workers, cwd=config.parent)
+    assert result.returncode == 2
+    assert f"server.port: cannot listen on 127.0.0.1:{port}: Address already in use" in one_error_line(result)
+
+
+def test_an_address_not_on_this_machine_is_one_line(config: Path) -> None:
+    result = thrifty("serve", "--config", str(config), "--host", "192.0.2.1", "--port", "0", cwd=config.parent)
+    assert result.returncode == 2
+    assert "server.host: cannot listen on 192.0.2.1:0" in one_error_line(result)
 
 
 def test_help_names_every_command(tmp_path: Path) -> None:
