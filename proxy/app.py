@@ -27,6 +27,7 @@ from proxy.cost.tokens import TokenCounter
 from proxy.cost.writer import LedgerWriter
 from proxy.discovery import discover_local
 from proxy.pipeline.auth import Authenticator
+from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
 from proxy.providers.base import Provider
 from proxy.providers.openai_compat import OpenAICompatible
@@ -66,6 +67,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             keys = KeyStore(db)
             ledger = await _ledger(settings, db, {m.name: m for m in models})
             stack.push_async_callback(ledger.writer.close)
+            guard = await open_guard(settings.budgets, models)
+            if guard is not None:
+                stack.push_async_callback(guard.close)  # settles still running, then Redis closes
             gateway = Gateway(
                 settings=settings,
                 db=db,
@@ -76,6 +80,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 models={m.name: m for m in models},
                 providers=providers,
                 models_body=_models_body(models),
+                guard=guard,
             )
             app[GATEWAY] = gateway
             if not models:

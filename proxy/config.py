@@ -101,6 +101,30 @@ class PriceConfig:
     cached_input: Decimal | None = None
 
 
+BUDGET_SCOPES = ("key", "team", "app")
+BUDGET_PERIODS = ("daily", "monthly")
+NANO_PER_USD = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class BudgetLimit:
+    """One line of ``budgets.limits``: a spend limit for a key, team or app ("*": each one)."""
+
+    scope: str  # key | team | app
+    name: str  # an id or name, or "*" for every one of the scope separately
+    period: str  # daily | monthly (UTC)
+    soft_nusd: int | None = None  # crossing it adds a warning header; nano-dollars
+    hard_nusd: int | None = None  # a request that could cross it is refused (429)
+
+
+@dataclass(frozen=True)
+class BudgetsConfig:
+    # Shared spend across replicas; without it each process keeps its own.
+    redis_url: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False
+    limits: tuple[BudgetLimit, ...] = ()
+
+
 @dataclass(frozen=True)
 class Settings:
     models: tuple[ModelConfig, ...] = ()
@@ -108,6 +132,7 @@ class Settings:
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     prices: Mapping[str, PriceConfig] = field(default_factory=dict)
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     source: str | None = None
     # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
     discover_local: bool = False
@@ -145,7 +170,7 @@ def zero_config(env: Mapping[str, str]) -> Settings:
     return Settings(models=tuple(models), auth=auth, discover_local=True)
 
 
-_TOP_KEYS = {"models", "auth", "ledger", "server", "prices"}
+_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets"}
 
 
 def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
@@ -160,7 +185,8 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
     ledger = _ledger(doc, data.get("ledger", {}))
     server = _server(doc, data.get("server", {}))
     prices = _prices(doc, data.get("prices", {}))
-    return Settings(models=models, auth=auth, ledger=ledger, server=server, prices=prices, source=doc.source)
+    budgets = _budgets(doc, data.get("budgets", {}))
+    return Settings(models=models, auth=auth, ledger=ledger, server=server, prices=prices, budgets=budgets, source=doc.source)
 
 
 def _ledger(doc: Document, data: Any) -> LedgerConfig:
@@ -194,6 +220,58 @@ def _prices(doc: Document, data: Any) -> dict[str, PriceConfig]:
             cached_input=None if cached is None else _money(doc, (*path, "cached_input"), cached),
         )
     return out
+
+
+def _budgets(doc: Document, data: Any) -> BudgetsConfig:
+    data = _section(doc, ("budgets",), data, {"redis_url", "redis_cluster", "limits"})
+    redis_url = _str(doc, ("budgets", "redis_url"), data.get("redis_url")) or None
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise doc.error(("budgets", "redis_url"), "must start with redis://, rediss:// or unix://")
+    cluster = data.get("redis_cluster", False)
+    if not isinstance(cluster, bool):
+        raise doc.error(("budgets", "redis_cluster"), "must be true or false")
+    items = data.get("limits") or []
+    if not isinstance(items, list):
+        raise doc.error(("budgets", "limits"), "must be a list of {key|team|app, period, soft_usd, hard_usd}")
+    limits: dict[tuple[str, str, str], BudgetLimit] = {}
+    for index, item in enumerate(items):
+        limit = _budget_limit(doc, ("budgets", "limits", index), item)
+        if (limit.scope, limit.name, limit.period) in limits:
+            raise doc.error(("budgets", "limits", index), f"a {limit.period} {limit.scope} {limit.name!r} budget is set twice")
+        limits[limit.scope, limit.name, limit.period] = limit
+    return BudgetsConfig(redis_url=redis_url, redis_cluster=cluster, limits=tuple(limits.values()))
+
+
+def _budget_limit(doc: Document, path: yamlsource.Path, item: Any) -> BudgetLimit:
+    item = _section(doc, path, item, {*BUDGET_SCOPES, "period", "soft_usd", "hard_usd"})
+    scopes = [s for s in BUDGET_SCOPES if s in item]
+    if len(scopes) != 1:
+        raise doc.error(path, 'needs exactly one of key, team or app (a name, or "*" for each one separately)')
+    scope = scopes[0]
+    name = _str(doc, (*path, scope), item[scope], required=True)
+    period = _str(doc, (*path, "period"), item.get("period"), required=True)
+    if period not in BUDGET_PERIODS:
+        raise doc.error((*path, "period"), f"must be one of {', '.join(BUDGET_PERIODS)}, not {period!r}")
+    soft = None if item.get("soft_usd") is None else _usd(doc, (*path, "soft_usd"), item["soft_usd"])
+    hard = None if item.get("hard_usd") is None else _usd(doc, (*path, "hard_usd"), item["hard_usd"])
+    if soft is None and hard is None:
+        raise doc.error(path, "needs soft_usd, hard_usd or both")
+    if soft is not None and hard is not None and soft > hard:
+        raise doc.error((*path, "soft_usd"), "must not be above hard_usd")
+    return BudgetLimit(scope, name, period, soft, hard)
+
+
+def _usd(doc: Document, path: yamlsource.Path, value: Any) -> int:
+    """USD as integer nano-dollars."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise doc.error(path, "must be an amount in USD")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise doc.error(path, "must be an amount in USD") from None
+    if not amount.is_finite() or amount < 0:
+        raise doc.error(path, "must be a non-negative amount in USD")
+    return int(amount * NANO_PER_USD)
 
 
 def _money(doc: Document, path: yamlsource.Path, value: Any) -> Decimal:

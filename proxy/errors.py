@@ -14,6 +14,7 @@ prints it as one line and exits with code 2.
     ├── NotFound                404 (no such route)
     │   └── ModelNotFound       404 model_not_found
     ├── PayloadTooLarge         413 request_too_large
+    ├── BudgetExceeded          429 budget_exceeded (a hard budget would be crossed)
     ├── UpstreamError           the upstream's own status and message, passed on
     ├── UpstreamUnavailable     502 (connection refused, reset, bad reply)
     ├── UpstreamTimeout         504
@@ -86,6 +87,14 @@ class PayloadTooLarge(ThriftyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class BudgetExceeded(ThriftyError):
+    """A hard budget of the caller's key, team or app would be crossed: no upstream call was made."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
 
 
 class UpstreamError(ThriftyError):

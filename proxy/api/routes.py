@@ -25,12 +25,14 @@ from proxy.cost.pricing import usage_from_openai, usd
 from proxy.errors import ModelNotFound, NotReady, ThriftyError, UpstreamUnavailable
 from proxy.pipeline.auth import Principal, bearer_token
 from proxy.pipeline.exchange import Exchange
+from proxy.pipeline.guard import Ticket
 from proxy.providers.base import Call, Reply
 
 log = logging.getLogger("thrifty.api")
 
 _JSON = "application/json"
 _EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_BUDGET = web.RequestKey("budget_ticket", Ticket)  # the request's budget hold, settled once in _proxied
 
 
 async def _authenticate(gateway: Gateway, request: web.Request) -> Principal:
@@ -67,7 +69,9 @@ async def _proxied(
         exchange.status, exchange.error_code = 500, "internal_error"
         raise
     finally:
-        gateway.ledger.record(exchange)
+        gateway.ledger.record(exchange)  # prices the exchange if nothing did yet
+        if _BUDGET in request and gateway.guard is not None:
+            gateway.guard.settle(request[_BUDGET], exchange)
 
 
 async def _forward(
@@ -83,11 +87,16 @@ async def _forward(
             f"The model '{parsed.model}' does not exist or is not configured on this gateway.", param="model"
         )
     exchange.target = target
+    ticket = await gateway.guard.admit(exchange, gateway.ledger.price_of(target.name)) if gateway.guard else None
+    if ticket is not None:
+        request[_BUDGET] = ticket
     body, added_usage = wire.for_target(parsed, target.target_model)
     call = Call(exchange.endpoint, body, parsed.payload, parsed.stream, target)
     exchange.upstream_started = time.perf_counter()
     reply = await gateway.providers[target.name].send(call)
     headers = {"x-request-id": exchange.request_id, "x-thrifty-model": target.name}
+    if ticket is not None and ticket.warning:
+        headers["x-thrifty-budget-warning"] = ticket.warning
     if reply.chunks is not None:
         return await _relay(request, gateway, exchange, reply, headers, added_usage)
     exchange.first_byte = exchange.upstream_done = time.perf_counter()
