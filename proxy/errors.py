@@ -13,6 +13,7 @@ prints it as one line and exits with code 2.
     ├── PermissionDenied        403 (a key without the role an endpoint needs)
     ├── NotFound                404 (no such route)
     │   └── ModelNotFound       404 model_not_found
+    ├── MethodNotAllowed        405
     ├── PayloadTooLarge         413 request_too_large
     ├── BudgetExceeded          429 budget_exceeded (a hard budget would be crossed)
     ├── UpstreamError           the upstream's own status and message, passed on
@@ -28,11 +29,12 @@ from typing import Any
 
 
 class ThriftyError(Exception):
-    """A failure that a client sees; subclasses fix the status, type and code."""
+    """A failure that a client sees; subclasses fix the status, type, code and extra headers."""
 
     status = 500
     type = "server_error"
     code: str | None = None
+    headers: dict[str, str] = {}  # noqa: RUF012 (read-only per class)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -79,6 +81,12 @@ class NotFound(ThriftyError):
     code = "not_found"
 
 
+class MethodNotAllowed(ThriftyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class ModelNotFound(NotFound):
     code = "model_not_found"
 
@@ -95,6 +103,8 @@ class BudgetExceeded(ThriftyError):
     status = 429
     type = "insufficient_quota"
     code = "budget_exceeded"
+    # The OpenAI SDKs retry a 429 unless told not to: a spent budget does not come back in seconds.
+    headers = {"x-should-retry": "false"}
 
 
 class UpstreamError(ThriftyError):

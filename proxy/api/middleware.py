@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ThriftyError
+from proxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ThriftyError
 
 log = logging.getLogger("thrifty.api")
 
@@ -33,7 +33,7 @@ def _request_id(request: web.Request) -> str:
 
 
 def error_response(exc: ThriftyError, request_id: str) -> web.Response:
-    headers = {"Content-Type": _JSON, "x-request-id": request_id}
+    headers = {**exc.headers, "Content-Type": _JSON, "x-request-id": request_id}
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return web.Response(status=exc.status, body=orjson.dumps(exc.body()), headers=headers)
@@ -45,9 +45,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> ThriftyError:
     if exc.status == 404:
         return NotFound(f"Unknown path {request.path!r}; see GET /v1/models and POST /v1/chat/completions.")
     if exc.status == 405:
-        error: ThriftyError = BadRequest(f"Method {request.method} is not allowed on {request.path!r}.", code="method_not_allowed")
-        error.status = 405
-        return error
+        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path!r}.")
     error = ThriftyError(exc.text or exc.reason)
     error.status = exc.status
     return error

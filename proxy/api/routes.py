@@ -101,6 +101,8 @@ async def _forward(
         return await _relay(request, gateway, exchange, reply, headers, added_usage)
     exchange.first_byte = exchange.upstream_done = time.perf_counter()
     exchange.usage = wire.usage_of(reply.body)
+    if exchange.usage is None:  # an upstream that reports no usage: the ledger counts
+        exchange.streamed_text = wire.reply_texts(reply.body)
     priced = gateway.ledger.price(exchange)
     headers["x-thrifty-cost-usd"] = usd(priced.cost)
     headers["x-thrifty-savings-usd"] = usd(priced.net_savings)

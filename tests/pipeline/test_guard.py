@@ -392,6 +392,7 @@ def test_a_hard_limit_refuses_before_any_upstream_call(
     error = caught.value.body
     assert isinstance(error, dict)
     assert (error["code"], error["type"]) == ("budget_exceeded", "insufficient_quota")
+    assert caught.value.response.headers["x-should-retry"] == "false"  # the SDK does not retry it
     assert f"the daily budget of team {team} is $0.015; $0.006 is spent" in error["message"]
     assert len(fake.requests) == 1  # the refused request never reached the upstream
     assert ledger_rows(gateway, 2) == [(200, None, 6_000_000), (429, "budget_exceeded", 0)]

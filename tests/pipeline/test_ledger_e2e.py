@@ -222,6 +222,27 @@ def test_a_stream_without_usage_is_counted_with_tiktoken(
     assert comments == [f": thrifty cost_usd={usd(rec['cost_nusd'])} savings_usd={usd(0)}"]
 
 
+def test_a_plain_reply_without_usage_is_counted_with_tiktoken(
+    raw: httpx.Client, fake: FakeUpstream, db_path: Path, gpt_4o: Price, counter: TokenCounter
+) -> None:
+    async def no_usage(payload: dict[str, Any], request: web.Request) -> web.Response:
+        reply = {"id": "x", "object": "chat.completion", "created": 1, "model": payload["model"]}
+        message = {"role": "assistant", "content": "a reply with no usage at all"}
+        reply["choices"] = [{"index": 0, "message": message, "finish_reason": "stop"}]
+        return web.json_response(reply)
+
+    fake.handler = no_usage
+    messages = [{"role": "user", "content": "price me anyway"}]
+    response = raw.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": messages})
+    rec = record_of(db_path, response.headers["x-request-id"])
+
+    assert rec["usage_source"] == "counted"
+    assert rec["prompt_tokens"] == counter.count_messages(messages, "gpt-4o")
+    assert rec["completion_tokens"] == counter.count_text("a reply with no usage at all", "gpt-4o") > 0
+    assert usd(rec["cost_nusd"]) == response.headers["x-thrifty-cost-usd"]
+    assert rec["cost_nusd"] == cost_nusd(gpt_4o, rec["prompt_tokens"], 0, rec["completion_tokens"]) > 0
+
+
 def test_tags_and_user_are_recorded(client: openai.OpenAI, db_path: Path) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o",
