@@ -25,7 +25,8 @@ prints it as one line and exits with code 2.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 
 class ThriftyError(Exception):
@@ -34,7 +35,7 @@ class ThriftyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
-    headers: dict[str, str] = {}  # noqa: RUF012 (read-only per class)
+    headers: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -104,7 +105,7 @@ class BudgetExceeded(ThriftyError):
     type = "insufficient_quota"
     code = "budget_exceeded"
     # The OpenAI SDKs retry a 429 unless told not to: a spent budget does not come back in seconds.
-    headers = {"x-should-retry": "false"}
+    headers: ClassVar[Mapping[str, str]] = {"x-should-retry": "false"}
 
 
 class UpstreamError(ThriftyError):
