@@ -83,6 +83,7 @@ async def _run(settings: Settings, reuse_port: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a signal during start-up drains too
         loop.add_signal_handler(sig, stop.set)
+    _watch_supervisor(loop, stop)
     sock = bind(server.host, server.port, reuse_port=reuse_port)
     runner = web.AppRunner(
         create_app(settings),
@@ -111,6 +112,22 @@ async def _run(settings: Settings, reuse_port: bool) -> None:
     finally:
         cut.cancel()
     log.info("drained in %.2fs; bye", time.monotonic() - started)
+
+
+def _watch_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """In a worker: drain when the supervisor dies (SIGKILL, a crash) instead of living on
+    as an orphan that holds the port. Its sentinel pipe reads EOF once the parent is gone."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+    sentinel = parent.sentinel
+
+    def gone() -> None:
+        loop.remove_reader(sentinel)
+        log.error("supervisor %s is gone; draining", parent.pid)
+        stop.set()
+
+    loop.add_reader(sentinel, gone)
 
 
 def _close_connections(runner: web.AppRunner) -> None:

@@ -274,3 +274,25 @@ def test_sigterm_while_workers_start_leaves_none_behind(serve: Serve, upstream: 
     served.terminate()  # most likely before they listen: they stop wherever they are
     assert served.exit_code() == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_workers_stop_when_the_supervisor_is_killed(serve: Serve, upstream: tuple[FakeUpstream, ThreadServer]) -> None:
+    served = serve(upstream[1].url, 30, "--workers", "2")
+    port = int(served.wait_for(LISTENING, count=2)[0].group(2))
+    workers = _workers(served.process.pid, port)
+    assert len(workers) == 2
+    served.process.kill()  # no SIGTERM to forward: the workers must notice on their own
+    served.wait_for(r"supervisor \d+ is gone; draining", count=2)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "orphaned workers kept running"
+        time.sleep(0.05)
+    wait_until_refused(port)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not exited (an orphan that exited stays a zombie until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
