@@ -41,8 +41,6 @@ T = TypeVar("T")
 
 LOCAL_POSTGRES = ("127.0.0.1", 5432)
 LOCAL_REDIS = ("127.0.0.1", 6379)
-
-
 THRIFTY = str(Path(sys.executable).with_name("thrifty"))  # the installed console script
 LISTENING = re.compile(r"thrifty listening on http://([^:\s]+):(\d+)")
 
