@@ -19,6 +19,7 @@ from typing import Any
 
 from proxy import yamlsource
 from proxy.errors import ConfigError
+from proxy.yamlread import read_int, read_money, read_seconds, read_section, read_str, reject_unknown
 from proxy.yamlsource import Document
 
 # Providers spoken to directly over the OpenAI wire format (the hot path).
@@ -166,7 +167,10 @@ def zero_config(env: Mapping[str, str]) -> Settings:
     if env.get("ANTHROPIC_API_KEY"):
         for name in ("claude-sonnet-4-5", "claude-haiku-4-5"):
             models.append(ModelConfig(name, "anthropic", DEFAULT_BASE_URLS["anthropic"], env["ANTHROPIC_API_KEY"]))
-    auth = AuthConfig(master_key=env.get("THRIFTY_MASTER_KEY") or None)
+    master = env.get("THRIFTY_MASTER_KEY") or None
+    if master is not None and len(master) < 16:
+        raise ConfigError("THRIFTY_MASTER_KEY: must be at least 16 characters")
+    auth = AuthConfig(master_key=master)
     return Settings(models=tuple(models), auth=auth, discover_local=True)
 
 
@@ -179,7 +183,7 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
         data = {}
     if not isinstance(data, dict):
         raise doc.error((), "the config file must be a mapping of sections")
-    _reject_unknown(doc, (), data, _TOP_KEYS)
+    reject_unknown(doc, (), data, _TOP_KEYS)
     models = _models(doc, data.get("models", []))
     auth = _auth(doc, data.get("auth", {}), env)
     ledger = _ledger(doc, data.get("ledger", {}))
@@ -190,15 +194,15 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
 
 
 def _ledger(doc: Document, data: Any) -> LedgerConfig:
-    data = _section(doc, ("ledger",), data, {"url", "spill_dir", "buffer_records"})
+    data = read_section(doc, ("ledger",), data, {"url", "spill_dir", "buffer_records"})
     base = LedgerConfig()
-    url = _str(doc, ("ledger", "url"), data.get("url", base.url))
+    url = read_str(doc, ("ledger", "url"), data.get("url", base.url))
     if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
         raise doc.error(("ledger", "url"), "must start with sqlite:// or postgresql://")
     return LedgerConfig(
         url=url,
-        spill_dir=_str(doc, ("ledger", "spill_dir"), data.get("spill_dir", base.spill_dir), required=True),
-        buffer_records=_int(doc, ("ledger", "buffer_records"), data.get("buffer_records", base.buffer_records), 100),
+        spill_dir=read_str(doc, ("ledger", "spill_dir"), data.get("spill_dir", base.spill_dir), required=True),
+        buffer_records=read_int(doc, ("ledger", "buffer_records"), data.get("buffer_records", base.buffer_records), 100),
     )
 
 
@@ -210,21 +214,21 @@ def _prices(doc: Document, data: Any) -> dict[str, PriceConfig]:
     out = {}
     for model, entry in data.items():
         path = ("prices", model)
-        entry = _section(doc, path, entry, {"input", "output", "cached_input"})
+        entry = read_section(doc, path, entry, {"input", "output", "cached_input"})
         if "input" not in entry or "output" not in entry:
             raise doc.error(path, "needs input and output (USD per 1M tokens)")
         cached = entry.get("cached_input")
         out[model] = PriceConfig(
-            input=_money(doc, (*path, "input"), entry["input"]),
-            output=_money(doc, (*path, "output"), entry["output"]),
-            cached_input=None if cached is None else _money(doc, (*path, "cached_input"), cached),
+            input=read_money(doc, (*path, "input"), entry["input"]),
+            output=read_money(doc, (*path, "output"), entry["output"]),
+            cached_input=None if cached is None else read_money(doc, (*path, "cached_input"), cached),
         )
     return out
 
 
 def _budgets(doc: Document, data: Any) -> BudgetsConfig:
-    data = _section(doc, ("budgets",), data, {"redis_url", "redis_cluster", "limits"})
-    redis_url = _str(doc, ("budgets", "redis_url"), data.get("redis_url")) or None
+    data = read_section(doc, ("budgets",), data, {"redis_url", "redis_cluster", "limits"})
+    redis_url = read_str(doc, ("budgets", "redis_url"), data.get("redis_url")) or None
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise doc.error(("budgets", "redis_url"), "must start with redis://, rediss:// or unix://")
     cluster = data.get("redis_cluster", False)
@@ -243,47 +247,22 @@ def _budgets(doc: Document, data: Any) -> BudgetsConfig:
 
 
 def _budget_limit(doc: Document, path: yamlsource.Path, item: Any) -> BudgetLimit:
-    item = _section(doc, path, item, {*BUDGET_SCOPES, "period", "soft_usd", "hard_usd"})
+    item = read_section(doc, path, item, {*BUDGET_SCOPES, "period", "soft_usd", "hard_usd"})
     scopes = [s for s in BUDGET_SCOPES if s in item]
     if len(scopes) != 1:
         raise doc.error(path, 'needs exactly one of key, team or app (a name, or "*" for each one separately)')
     scope = scopes[0]
-    name = _str(doc, (*path, scope), item[scope], required=True)
-    period = _str(doc, (*path, "period"), item.get("period"), required=True)
+    name = read_str(doc, (*path, scope), item[scope], required=True)
+    period = read_str(doc, (*path, "period"), item.get("period"), required=True)
     if period not in BUDGET_PERIODS:
         raise doc.error((*path, "period"), f"must be one of {', '.join(BUDGET_PERIODS)}, not {period!r}")
-    soft = None if item.get("soft_usd") is None else _usd(doc, (*path, "soft_usd"), item["soft_usd"])
-    hard = None if item.get("hard_usd") is None else _usd(doc, (*path, "hard_usd"), item["hard_usd"])
+    soft = None if item.get("soft_usd") is None else read_usd(doc, (*path, "soft_usd"), item["soft_usd"])
+    hard = None if item.get("hard_usd") is None else read_usd(doc, (*path, "hard_usd"), item["hard_usd"])
     if soft is None and hard is None:
         raise doc.error(path, "needs soft_usd, hard_usd or both")
     if soft is not None and hard is not None and soft > hard:
         raise doc.error((*path, "soft_usd"), "must not be above hard_usd")
     return BudgetLimit(scope, name, period, soft, hard)
-
-
-def _usd(doc: Document, path: yamlsource.Path, value: Any) -> int:
-    """USD as integer nano-dollars."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise doc.error(path, "must be an amount in USD")
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise doc.error(path, "must be an amount in USD") from None
-    if not amount.is_finite() or amount < 0:
-        raise doc.error(path, "must be a non-negative amount in USD")
-    return int(amount * NANO_PER_USD)
-
-
-def _money(doc: Document, path: yamlsource.Path, value: Any) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise doc.error(path, "must be a number (USD per 1M tokens)")
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise doc.error(path, "must be a number (USD per 1M tokens)") from None
-    if not amount.is_finite() or amount < 0:
-        raise doc.error(path, "must be a non-negative number")
-    return amount
 
 
 def _models(doc: Document, items: Any) -> tuple[ModelConfig, ...]:
@@ -294,98 +273,70 @@ def _models(doc: Document, items: Any) -> tuple[ModelConfig, ...]:
     keys = {"name", "provider", "base_url", "api_key", "upstream_model", "timeouts"}
     for index, item in enumerate(items):
         path = ("models", index)
-        item = _section(doc, path, item, keys)
-        name = _str(doc, (*path, "name"), item.get("name"), required=True)
+        item = read_section(doc, path, item, keys)
+        name = read_str(doc, (*path, "name"), item.get("name"), required=True)
         if name in seen:
             raise doc.error((*path, "name"), f"model {name!r} is defined twice")
         seen.add(name)
-        provider = _str(doc, (*path, "provider"), item.get("provider", "openai"))
+        provider = read_str(doc, (*path, "provider"), item.get("provider", "openai"))
         if provider not in PROVIDERS:
-            raise doc.error(
-                (*path, "provider"), f"unknown provider {provider!r}; one of {', '.join(sorted(PROVIDERS))}"
-            )
+            raise doc.error((*path, "provider"), f"unknown provider {provider!r}; one of {', '.join(sorted(PROVIDERS))}")
         base_url = item.get("base_url") or DEFAULT_BASE_URLS.get(provider)
-        base_url = _str(doc, (*path, "base_url"), base_url, required=True)
+        base_url = read_str(doc, (*path, "base_url"), base_url, required=True)
         if not base_url.startswith(("http://", "https://")):
             raise doc.error((*path, "base_url"), "must be an http:// or https:// URL")
         api_key = item.get("api_key")
         if api_key is not None:
-            api_key = _str(doc, (*path, "api_key"), api_key) or None
+            api_key = read_str(doc, (*path, "api_key"), api_key) or None
         timeouts = _timeouts(doc, (*path, "timeouts"), item.get("timeouts", {}))
-        upstream_model = _str(doc, (*path, "upstream_model"), item.get("upstream_model", ""))
+        upstream_model = read_str(doc, (*path, "upstream_model"), item.get("upstream_model", ""))
         out.append(ModelConfig(name, provider, base_url.rstrip("/"), api_key, upstream_model, timeouts))
     return tuple(out)
 
 
 def _timeouts(doc: Document, path: yamlsource.Path, data: Any) -> Timeouts:
-    data = _section(doc, path, data, {"connect", "first_byte", "total"})
-    values = {k: _positive(doc, (*path, k), v) for k, v in data.items()}
+    data = read_section(doc, path, data, {"connect", "first_byte", "total"})
+    values = {k: read_seconds(doc, (*path, k), v) for k, v in data.items()}
     return Timeouts(**values)
 
 
 def _auth(doc: Document, data: Any, env: Mapping[str, str]) -> AuthConfig:
-    data = _section(doc, ("auth",), data, {"master_key", "key_cache_seconds"})
+    data = read_section(doc, ("auth",), data, {"master_key", "key_cache_seconds"})
     master = data.get("master_key")
     if master is not None:
-        master = _str(doc, ("auth", "master_key"), master)
+        master = read_str(doc, ("auth", "master_key"), master)
     master = master or env.get("THRIFTY_MASTER_KEY") or None
     if master is not None and len(master) < 16:
         raise doc.error(("auth", "master_key"), "must be at least 16 characters")
-    ttl = _positive(doc, ("auth", "key_cache_seconds"), data.get("key_cache_seconds", AuthConfig.key_cache_seconds))
+    ttl = read_seconds(doc, ("auth", "key_cache_seconds"), data.get("key_cache_seconds", AuthConfig.key_cache_seconds))
     return AuthConfig(master_key=master, key_cache_seconds=ttl)
 
 
 def _server(doc: Document, data: Any) -> ServerConfig:
     keys = {"host", "port", "workers", "max_body_bytes", "drain_timeout", "access_log"}
-    data = _section(doc, ("server",), data, keys)
+    data = read_section(doc, ("server",), data, keys)
     base = ServerConfig()
     access_log = data.get("access_log", base.access_log)
     if not isinstance(access_log, bool):
         raise doc.error(("server", "access_log"), "must be true or false")
     return ServerConfig(
-        host=_str(doc, ("server", "host"), data.get("host", base.host)),
-        port=_int(doc, ("server", "port"), data.get("port", base.port), 0, 65535),
-        workers=_int(doc, ("server", "workers"), data.get("workers", base.workers), 1, 256),
-        max_body_bytes=_int(doc, ("server", "max_body_bytes"), data.get("max_body_bytes", base.max_body_bytes), 1024),
-        drain_timeout=_positive(doc, ("server", "drain_timeout"), data.get("drain_timeout", base.drain_timeout)),
+        host=read_str(doc, ("server", "host"), data.get("host", base.host)),
+        port=read_int(doc, ("server", "port"), data.get("port", base.port), 0, 65535),
+        workers=read_int(doc, ("server", "workers"), data.get("workers", base.workers), 1, 256),
+        max_body_bytes=read_int(doc, ("server", "max_body_bytes"), data.get("max_body_bytes", base.max_body_bytes), 1024),
+        drain_timeout=read_seconds(doc, ("server", "drain_timeout"), data.get("drain_timeout", base.drain_timeout)),
         access_log=access_log,
     )
 
 
-def _section(doc: Document, path: yamlsource.Path, data: Any, known: set[str]) -> dict[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise doc.error(path, "must be a mapping")
-    _reject_unknown(doc, path, data, known)
-    return data
-
-
-def _reject_unknown(doc: Document, path: yamlsource.Path, data: dict[str, Any], known: set[str]) -> None:
-    for key in data:
-        if key not in known:
-            raise doc.error((*path, key), f"unknown key; expected one of {', '.join(sorted(known))}")
-
-
-def _str(doc: Document, path: yamlsource.Path, value: Any, *, required: bool = False) -> str:
-    if value is None or value == "":
-        if required:
-            raise doc.error(path, "is required")
-        return ""
-    if not isinstance(value, str):
-        raise doc.error(path, "must be a string")
-    return value
-
-
-def _int(doc: Document, path: yamlsource.Path, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise doc.error(path, "must be an integer")
-    if value < low or (high is not None and value > high):
-        raise doc.error(path, f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
-    return value
-
-
-def _positive(doc: Document, path: yamlsource.Path, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise doc.error(path, "must be a positive number of seconds")
-    return float(value)
+def read_usd(doc: Document, path: yamlsource.Path, value: Any) -> int:
+    """USD as integer nano-dollars."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise doc.error(path, "must be an amount in USD")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise doc.error(path, "must be an amount in USD") from None
+    if not amount.is_finite() or amount < 0:
+        raise doc.error(path, "must be a non-negative amount in USD")
+    return int(amount * NANO_PER_USD)

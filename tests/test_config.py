@@ -186,3 +186,15 @@ def test_secrets_are_kept_out_of_reprs(tmp_path: Path) -> None:
     settings = load(tmp_path, GOOD, {"UPSTREAM_KEY": "sk-up-secret-1"})
     assert "sk-up-secret-1" not in repr(settings)
     assert "sk-default-master-key-123" not in repr(settings)
+
+
+def test_numbers_may_come_from_the_environment(tmp_path: Path) -> None:
+    settings = load(tmp_path, "server:\n  port: ${PORT}\n  drain_timeout: ${DRAIN}\n", {"PORT": "8080", "DRAIN": "2.5"})
+    assert (settings.server.port, settings.server.drain_timeout) == (8080, 2.5)
+    with pytest.raises(ConfigError, match=r"thrifty.yaml:2: server.port: must be an integer"):
+        load(tmp_path, "server:\n  port: ${PORT}\n", {"PORT": "eighty"})
+
+
+def test_a_short_master_key_in_the_environment_is_refused_in_zero_config() -> None:
+    with pytest.raises(ConfigError, match="THRIFTY_MASTER_KEY: must be at least 16 characters"):
+        load_settings(None, {"THRIFTY_MASTER_KEY": "short"})
