@@ -86,9 +86,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             if not models:
                 log.warning("no models configured or found; see README 'Configuration'")
             if not settings.auth.master_key:
-                log.warning(
-                    "no master key set (auth.master_key / THRIFTY_MASTER_KEY): only keys from `thrifty keys create` work"
-                )
+                log.warning("no master key set (auth.master_key / THRIFTY_MASTER_KEY): only keys from `thrifty keys create` work")
             yield
         finally:
             await stack.aclose()  # the ledger writer flushes before the database closes

@@ -53,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", metavar="FILE", help="YAML configuration (default: $THRIFTY_CONFIG, else zero-config)"
-    )
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration (default: $THRIFTY_CONFIG, else zero-config)")
 
 
 def _port(text: str) -> int:
@@ -148,9 +146,7 @@ def _key_json(record: object) -> dict[str, object]:
 
 def _print_keys_table(records: list) -> None:  # type: ignore[type-arg]
     header = ("id", "prefix", "team", "app", "role", "created", "revoked")
-    rows = [
-        (r.id, r.prefix + "…", r.team, r.app or "", r.role, _when(r.created_at), _when(r.revoked_at)) for r in records
-    ]
+    rows = [(r.id, r.prefix + "…", r.team, r.app or "", r.role, _when(r.created_at), _when(r.revoked_at)) for r in records]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=False)]
     for row in (header, *rows):
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -49,9 +49,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _proxied(request, "embeddings", wire.parse_embeddings)
 
 
-async def _proxied(
-    request: web.Request, endpoint: str, parse: Callable[[bytes], wire.ParsedRequest]
-) -> web.StreamResponse:
+async def _proxied(request: web.Request, endpoint: str, parse: Callable[[bytes], wire.ParsedRequest]) -> web.StreamResponse:
     """Authenticate, then run the pipeline; every authenticated request leaves one ledger record."""
     gateway = request.app[GATEWAY]
     principal = await _authenticate(gateway, request)
@@ -74,18 +72,14 @@ async def _proxied(
             gateway.guard.settle(request[_BUDGET], exchange)
 
 
-async def _forward(
-    request: web.Request, gateway: Gateway, parsed: wire.ParsedRequest, exchange: Exchange
-) -> web.StreamResponse:
+async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRequest, exchange: Exchange) -> web.StreamResponse:
     exchange.requested_model, exchange.payload, exchange.stream = parsed.model, parsed.payload, parsed.stream
     tag_header = request.headers.get("x-thrifty-tags")
     if tag_header or "metadata" in parsed.payload:
         exchange.tags = wire.parse_tags(tag_header, parsed.payload.get("metadata"))
     target = gateway.models.get(parsed.model)
     if target is None:
-        raise ModelNotFound(
-            f"The model '{parsed.model}' does not exist or is not configured on this gateway.", param="model"
-        )
+        raise ModelNotFound(f"The model '{parsed.model}' does not exist or is not configured on this gateway.", param="model")
     exchange.target = target
     ticket = await gateway.guard.admit(exchange, gateway.ledger.price_of(target.name)) if gateway.guard else None
     if ticket is not None:

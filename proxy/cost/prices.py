@@ -113,9 +113,7 @@ class PriceTable:
                 return found
         if model.name not in self._warned:
             self._warned.add(model.name)
-            log.warning(
-                "no price known for model %s; it is recorded at 0 (add it under prices: in the config)", model.name
-            )
+            log.warning("no price known for model %s; it is recorded at 0 (add it under prices: in the config)", model.name)
         return Price.free("unknown")
 
     def for_name(self, name: str) -> Price | None:

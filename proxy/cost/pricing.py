@@ -70,11 +70,7 @@ def usage_from_openai(data: Any) -> Usage | None:
 
 def cost_nusd(price: Price, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int:
     uncached = max(prompt_tokens - cached_tokens, 0)
-    total = (
-        price.input * uncached
-        + price.cached_input * min(cached_tokens, prompt_tokens)
-        + price.output * completion_tokens
-    )
+    total = price.input * uncached + price.cached_input * min(cached_tokens, prompt_tokens) + price.output * completion_tokens
     return int((total * _NANO_PER_MILLIONTH).to_integral_value(ROUND_HALF_EVEN))
 
 
