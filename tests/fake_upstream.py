@@ -85,7 +85,12 @@ class FakeUpstream:
         data = [{"object": "embedding", "index": i, "embedding": vector(str(text))} for i, text in enumerate(inputs)]
         tokens = sum(len(str(t).split()) for t in inputs)
         return web.json_response(
-            {"object": "list", "data": data, "model": payload["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            {
+                "object": "list",
+                "data": data,
+                "model": payload["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
         )
 
     async def _models(self, request: web.Request) -> web.Response:
