@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+MODEL = "bench-model"
+# The measured request: a short non-streamed chat completion (streamed: ttfb_client.py).
+BODY = '{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 _LUA_DONE = r"""

@@ -21,8 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.benchmarks.measure import REPO, run_wrk, write_wrk_script
-from tests.benchmarks.proxy_overhead import BODY, free_port, start, stop, thrifty_source, wait_ready
+from tests.benchmarks.measure import BODY, REPO, run_wrk, write_wrk_script
+from tests.benchmarks.processes import free_port, start, stop, wait_ready
+from tests.benchmarks.proxy_overhead import thrifty_source
 
 
 def summarize(raw: Path, top: int) -> str:

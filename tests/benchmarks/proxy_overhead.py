@@ -15,28 +15,23 @@ what each figure means and how to read them on a shared machine.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
 import resource
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.benchmarks import peers
 from tests.benchmarks.measure import (
+    BODY,
+    MODEL,
     REPO,
-    WrkResult,
     cpu_seconds,
     machine_busy_seconds,
     rss_bytes,
@@ -44,121 +39,8 @@ from tests.benchmarks.measure import (
     run_wrk,
     write_wrk_script,
 )
-
-MODEL = "bench-model"
-BODY = '{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
-TARGETS = {"rps_vs_litellm": 20.0, "added_p50_ms": 1.0, "rss_mb": 120.0}
-
-
-class StartError(Exception):
-    pass
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(x.strip() for x in text.strip().splitlines()[-lines:])
-
-
-@dataclass
-class Result:
-    name: str
-    version: str = ""
-    status: str = "ok"
-    notes: list[str] = field(default_factory=list)
-    load: WrkResult | None = None
-    latency: WrkResult | None = None
-    ttfb: dict[str, Any] | None = None
-    rss_mb: float | None = None
-    cpu_us_per_request: float | None = None
-    upstream_cpu_us_per_request: float | None = None
-    other_load_cores: float | None = None
-    load_average_at_start: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(name: str, cmd: list[str], logs: Path, cwd: Path, env: dict[str, str] | None = None) -> Server:
-    log = logs / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,  # its own process group: stopping it reaches its children too
-        )
-    return Server(name, proc, log)
-
-
-def stop(server: Server) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it has not gone within 15 s."""
-    pgid = server.proc.pid
-    if server.proc.poll() is None:
-        _signal_group(pgid, signal.SIGTERM)
-        try:
-            server.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            _signal_group(pgid, signal.SIGKILL)
-            server.proc.wait(5)
-    _signal_group(pgid, signal.SIGKILL)  # leftovers of that group, if any
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def post_once(port: int, headers: dict[str, str], body: str = BODY, timeout: float = 10.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json", **headers})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def wait_ready(server: Server, port: int, headers: dict[str, str], timeout: float) -> float:
-    """Seconds until a real chat completion answers 200 through the server; StartError if never."""
-    started = time.monotonic()
-    last = "no answer"
-    while time.monotonic() - started < timeout:
-        code = server.proc.poll()
-        if code is not None:
-            raise StartError(f"exited with code {code} while starting: {server.log_tail()}")
-        try:
-            status, body = post_once(port, headers)
-        except OSError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        else:
-            if status == 200 and b'"choices"' in body:
-                return time.monotonic() - started
-            last = f"HTTP {status}: {body[:200]!r}"
-        time.sleep(0.25)
-    raise StartError(f"not ready after {timeout:.0f}s (last: {last}); log: {server.log_tail()}")
+from tests.benchmarks.processes import Server, StartError, free_port, running, start, stop, wait_ready
+from tests.benchmarks.report import Result, result_json, table, verdicts
 
 
 def measure(result: Result, port: int, headers: dict[str, str], server: Server, upstream: Server, args: Any) -> None:
@@ -197,16 +79,6 @@ def measure(result: Result, port: int, headers: dict[str, str], server: Server, 
             f"stream: {ttfb.get('ok')} of {ttfb.get('requests')} complete, bad status {ttfb.get('bad_status')},"
             f" first bad reply {ttfb.get('first_bad_reply')!r}, connection failures {ttfb.get('failures')}"
         )
-
-
-@contextmanager
-def running(name: str, cmd: list[str], args: Any, servers: list[Server], **kw: Any) -> Iterator[Server]:
-    server = start(name, cmd, Path(args.workdir), **kw)
-    servers.append(server)
-    try:
-        yield server
-    finally:
-        stop(server)
 
 
 def bench_proxy(result: Result, launch: peers.Launch, port: int, upstream: Server, servers: list[Server], args: Any) -> Result:
@@ -352,100 +224,6 @@ def _progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f} ms" if abs(value) < 10 else f"{value:.1f} ms"
-
-
-def _added(value: float | None, base: float | None) -> str:
-    if value is None or base is None:
-        return "-"
-    return "+" + _ms(value - base) if value >= base else "-" + _ms(base - value)
-
-
-def table(results: list[Result]) -> str:
-    base = results[0]
-    base_p50 = base.latency.p50_ms if base.latency else None
-    base_p99 = base.latency.p99_ms if base.latency else None
-    header = (
-        "target",
-        "version",
-        "req/s @32c",
-        "p50 @1c",
-        "p99 @1c",
-        "added p50",
-        "added p99",
-        "stream TTFB p50",
-        "RSS",
-        "CPU/request",
-        "others' CPU",
-    )
-    rows: list[tuple[str, ...]] = []
-    failures: list[str] = []
-    for r in results:
-        if not r.ok or r.load is None or r.latency is None:
-            rows.append((r.name, r.version or "-", "FAILED", *(["-"] * 8)))
-            failures.append(f"{r.name}: {r.status}")
-            continue
-        ttfb = (r.ttfb or {}).get("ttfb_ms", {}).get("p50")
-        ttfb_cell = _ms(ttfb) if ttfb is not None else "FAILED"
-        same = r is base
-        rows.append(
-            (
-                r.name,
-                r.version,
-                f"{r.load.rps:,.0f}",
-                _ms(r.latency.p50_ms),
-                _ms(r.latency.p99_ms),
-                "" if same else _added(r.latency.p50_ms, base_p50),
-                "" if same else _added(r.latency.p99_ms, base_p99),
-                ttfb_cell,
-                f"{r.rss_mb:.0f} MB" if r.rss_mb is not None else "-",
-                f"{r.cpu_us_per_request:,.0f} µs" if r.cpu_us_per_request is not None else "-",
-                f"{r.other_load_cores:.2f} cores" if r.other_load_cores is not None else "-",
-            )
-        )
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return (
-            "| "
-            + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-            + " |"
-        )
-
-    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(row) for row in rows)]
-    for r in results:
-        out += [f"  note, {r.name}: {note}" for note in r.notes]
-    out += [f"  FAILED, {f}" for f in failures]
-    return "\n".join(out)
-
-
-def verdicts(results: list[Result]) -> list[str]:
-    by_name = {r.name: r for r in results}
-    thrifty, litellm, base = by_name.get("thrifty"), by_name.get("litellm"), results[0]
-    if thrifty is None or not thrifty.ok or thrifty.load is None or thrifty.latency is None:
-        return ["thrifty did not run: no verdicts"]
-    out = []
-    if litellm is not None and litellm.ok and litellm.load is not None and litellm.load.rps > 0:
-        ratio = thrifty.load.rps / litellm.load.rps
-        passed = ratio >= TARGETS["rps_vs_litellm"]
-        out.append(f"req/s >= 20x LiteLLM's: {thrifty.load.rps:,.0f} / {litellm.load.rps:,.1f} = {ratio:.1f}x  {_pf(passed)}")
-    else:
-        out.append("req/s >= 20x LiteLLM's: not measured (LiteLLM skipped or failed)")
-    if base.latency is not None:
-        added = thrifty.latency.p50_ms - base.latency.p50_ms
-        out.append(f"added p50 <= 1 ms: {added:+.2f} ms  {_pf(added <= TARGETS['added_p50_ms'])}")
-    if thrifty.rss_mb is not None:
-        out.append(f"resident <= 120 MB: {thrifty.rss_mb:.0f} MB  {_pf(thrifty.rss_mb <= TARGETS['rss_mb'])}")
-    return out
-
-
-def _pf(passed: bool) -> str:
-    return "PASS" if passed else "MISS"
-
-
 def machine() -> dict[str, Any]:
     def version(cmd: list[str]) -> str:
         try:
@@ -515,21 +293,12 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "meta": meta,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "workdir"},
-            "results": [_result_json(r) for r in results],
+            "results": [result_json(r) for r in results],
             "verdicts": verdicts(results),
         }
         args.out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")
     return 0
-
-
-def _result_json(result: Result) -> dict[str, Any]:
-    data = asdict(result)
-    for key in ("load", "latency"):
-        wrk = getattr(result, key)
-        if wrk is not None:
-            data[key]["rps"] = wrk.rps
-    return data
 
 
 if __name__ == "__main__":
