@@ -66,7 +66,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 providers[model.name] = _provider(model, session, redact)
             keys = KeyStore(db)
             ledger = await _ledger(settings, db, {m.name: m for m in models})
-            stack.push_async_callback(ledger.writer.close)
+            stack.push_async_callback(ledger.close)
             guard = await open_guard(settings.budgets, models)
             if guard is not None:
                 stack.push_async_callback(guard.close)  # settles still running, then Redis closes
@@ -104,7 +104,13 @@ async def _ledger(settings: Settings, db: Database, models: dict[str, ModelConfi
     litellm_prices = await asyncio.to_thread(load_litellm_prices)
     prices = PriceTable(litellm_prices, overrides_from_config(settings.prices))
     counter = TokenCounter()
-    await asyncio.to_thread(counter.warm)
+    # Local servers stream without usage and budgets estimate every request: those count
+    # for sure, so their encodings load now; otherwise only if a count is ever needed.
+    counted = [m.target_model for m in models.values() if m.is_local]
+    if settings.budgets.limits:
+        counted += [m.target_model for m in models.values()]
+    if counted:
+        await asyncio.to_thread(counter.warm, set(counted))
     writer = LedgerWriter(db, Path(settings.ledger.spill_dir), max_buffer=settings.ledger.buffer_records)
     writer.start()
     return Ledger(prices, counter, writer, models)

@@ -73,7 +73,7 @@ class ServerConfig:
     workers: int = 1
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout: float = 30.0
-    access_log: bool = True
+    access_log: bool = False  # every request is in the ledger; this adds a log line each
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ is in hand, so a failure before that is still an ordinary error response.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -67,9 +68,10 @@ async def _proxied(request: web.Request, endpoint: str, parse: Callable[[bytes],
         exchange.status, exchange.error_code = 500, "internal_error"
         raise
     finally:
-        gateway.ledger.record(exchange)  # prices the exchange if nothing did yet
+        settle = None
         if _BUDGET in request and gateway.guard is not None:
-            gateway.guard.settle(request[_BUDGET], exchange)
+            settle = functools.partial(gateway.guard.settle, request[_BUDGET])
+        gateway.ledger.record(exchange, then=settle)  # prices the exchange if nothing did yet
 
 
 async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRequest, exchange: Exchange) -> web.StreamResponse:
@@ -97,6 +99,7 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     exchange.usage = wire.usage_of(reply.body)
     if exchange.usage is None:  # an upstream that reports no usage: the ledger counts
         exchange.streamed_text = wire.reply_texts(reply.body)
+        await gateway.ledger.count(exchange)
     priced = gateway.ledger.price(exchange)
     headers["x-thrifty-cost-usd"] = usd(priced.cost)
     headers["x-thrifty-savings-usd"] = usd(priced.net_savings)
@@ -135,6 +138,7 @@ async def _relay(
             await response.write(wire.sse_error(incomplete))
             return response
         _settle(exchange, tap)
+        await gateway.ledger.count(exchange)
         priced = gateway.ledger.price(exchange)
         await response.write(cost_comment(usd(priced.cost), usd(priced.net_savings)) + wire.SSE_DONE)
         await response.write_eof()

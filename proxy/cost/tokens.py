@@ -1,5 +1,9 @@
 """Token counting with tiktoken, offline: used only where the upstream reports no usage.
 
+Encodings are loaded on first use (or at start-up for deployments that will surely count:
+local models, whose streams carry no usage, and budgets) and counting on the request path
+runs off the event loop, so a first load never stalls other requests.
+
 The upstream's ``usage`` is the truth. thrifty counts tokens itself only when none comes
 back (llama.cpp streams, a client that disconnects mid-stream, an upstream that dies) and,
 later, for pruning decisions. tiktoken downloads its BPE files on first use, which fails
@@ -46,9 +50,14 @@ class TokenCounter:
                 os.environ["TIKTOKEN_CACHE_DIR"] = str(directory)
         self._encodings: dict[str, tiktoken.Encoding] = {}
 
-    def warm(self) -> None:
-        for name in ("o200k_base", "cl100k_base"):
-            self._encoding(name)
+    def warm(self, models: Iterable[str] = ("gpt-4o",)) -> None:
+        """Load the encodings these models use (each holds 30 to 70 MB: only what is needed)."""
+        for model in models:
+            self._encoding(self.encoding_name(model))
+
+    def ready(self, model: str) -> bool:
+        """True when counting for ``model`` needs no encoding to be loaded first (a second or so)."""
+        return self.encoding_name(model) in self._encodings
 
     def _encoding(self, name: str) -> tiktoken.Encoding:
         encoding = self._encodings.get(name)
@@ -56,13 +65,17 @@ class TokenCounter:
             encoding = self._encodings[name] = tiktoken.get_encoding(name)
         return encoding
 
-    def encoding_for(self, model: str) -> tiktoken.Encoding:
+    @staticmethod
+    def encoding_name(model: str) -> str:
         name = model.rsplit("/", 1)[-1].lower()
         if name.startswith(_O200K_PREFIXES):
-            return self._encoding("o200k_base")
+            return "o200k_base"
         if name.startswith(_CL100K_PREFIXES):
-            return self._encoding("cl100k_base")
-        return self._encoding("o200k_base")
+            return "cl100k_base"
+        return "o200k_base"
+
+    def encoding_for(self, model: str) -> tiktoken.Encoding:
+        return self._encoding(self.encoding_name(model))
 
     def count_text(self, text: str, model: str) -> int:
         if not text:

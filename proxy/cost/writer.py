@@ -34,7 +34,7 @@ _INSERT = f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * l
 
 
 class LedgerWriter:
-    def __init__(self, db: Database, spill_dir: Path, *, max_buffer: int = 20_000, interval: float = 0.05):
+    def __init__(self, db: Database, spill_dir: Path, *, max_buffer: int = 20_000, interval: float = 0.25):
         self._db = db
         self._spill_dir = spill_dir
         self._spill_file = spill_dir / f"ledger-{os.getpid()}-{int(time.time())}.jsonl"

@@ -38,6 +38,7 @@ class Exchange:
     upstream_started: float | None = None
     first_byte: float | None = None
     upstream_done: float | None = None
+    finished: float | None = None
     status: int = 200
     error_code: str | None = None
     charge: Charge | None = None

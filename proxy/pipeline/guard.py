@@ -211,7 +211,7 @@ class Guard:
         if not budgets or exchange.target is None:
             return None
         target, payload = exchange.target, exchange.payload or {}
-        if _size(payload) > _INLINE_CHARS:
+        if _size(payload) > _INLINE_CHARS or not self._counter.ready(target.target_model):
             prompt = await asyncio.to_thread(prompt_tokens, self._counter, exchange.endpoint, payload, target.target_model)
         else:
             prompt = prompt_tokens(self._counter, exchange.endpoint, payload, target.target_model)

@@ -4,14 +4,18 @@
 ``x-thrifty-cost-usd`` / ``x-thrifty-savings-usd`` headers) and at the end of a stream;
 ``record`` runs once per exchange, on every path (served, failed, cancelled), and never
 waits on the store. Tokens come from the upstream's ``usage``; only where none came back
-are they counted with tiktoken (flagged ``usage_source = "counted"``).
+are they counted with tiktoken (flagged ``usage_source = "counted"``), on a worker thread:
+``count`` before a response is priced, or a tracked background task for an exchange that
+ended (a client gone mid-stream) before it could be priced. ``close`` waits for those.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 import time
-import uuid
+from collections.abc import Callable
 from decimal import Decimal
 
 import orjson
@@ -33,6 +37,7 @@ class Ledger:
         self.writer = writer
         self._prices = prices
         self._by_model: dict[str, Price] = {name: prices.for_model(m) for name, m in models.items()}
+        self._counting: set[asyncio.Task[None]] = set()
 
     def price_of(self, model: str) -> Price:
         found = self._by_model.get(model) or self._prices.for_name(model)
@@ -55,6 +60,11 @@ class Ledger:
         completion = self._counter.count_text(text, model)
         return Usage(prompt, completion, source="counted")
 
+    async def count(self, exchange: Exchange) -> None:
+        """Fill in counted usage off the event loop (tokenizing can take milliseconds)."""
+        if exchange.usage is None:
+            exchange.usage = await asyncio.to_thread(self.usage, exchange)
+
     def price(self, exchange: Exchange) -> Charge:
         usage = exchange.usage = self.usage(exchange)
         served = self.price_of(exchange.target.name) if exchange.target else Price.free("none")
@@ -69,22 +79,42 @@ class Ledger:
         )
         return exchange.charge
 
-    def record(self, exchange: Exchange) -> None:
+    def record(self, exchange: Exchange, then: Callable[[Exchange], None] | None = None) -> None:
+        """Hand the exchange's record to the writer (once); ``then`` runs when it is priced."""
         if exchange.recorded:
             return
         exchange.recorded = True
+        exchange.finished = time.perf_counter()
+        if exchange.charge is None and exchange.usage is None and _billable(exchange):
+            task = asyncio.get_running_loop().create_task(self._count_then_record(exchange, then), name="ledger-count")
+            self._counting.add(task)
+            task.add_done_callback(self._counting.discard)
+            return
+        self._submit(exchange, then)
+
+    async def _count_then_record(self, exchange: Exchange, then: Callable[[Exchange], None] | None) -> None:
+        try:
+            await self.count(exchange)
+        except Exception:  # a count that fails leaves usage unknown; the record is still written
+            log.exception("could not count the tokens of request %s", exchange.request_id)
+        self._submit(exchange, then)
+
+    def _submit(self, exchange: Exchange, then: Callable[[Exchange], None] | None) -> None:
         try:
             self.writer.submit(self._record(exchange))
         except Exception:  # pricing must never fail a request; the log says what was lost
             log.exception("could not build the ledger record of request %s", exchange.request_id)
+        if then is not None:
+            then(exchange)
+
+    async def close(self) -> None:
+        """Finish the counts in flight, then flush the writer (shutdown)."""
+        if self._counting:
+            await asyncio.gather(*self._counting, return_exceptions=True)
+        await self.writer.close()
 
     def _record(self, exchange: Exchange) -> LedgerRecord:
-        # Priced when the upstream answered (its usage, or a count of what it sent) or when the
-        # client left while the upstream was at work (it may bill for that); an error returned
-        # instead of an answer was not billed, and is recorded with no tokens at no cost.
-        answered = exchange.first_byte is not None
-        abandoned = exchange.upstream_started is not None and exchange.status == 499
-        if exchange.charge is None and (answered or abandoned or exchange.usage is not None):
+        if exchange.charge is None and (_billable(exchange) or exchange.usage is not None):
             self.price(exchange)
         usage = exchange.usage or Usage(0, 0, source="none")
         priced = exchange.charge or Charge(0, 0, 0, 0, 0)
@@ -93,7 +123,7 @@ class Ledger:
         payload = exchange.payload or {}
         user = payload.get("user")
         return LedgerRecord(
-            id=uuid.uuid4().hex,
+            id=_record_id(),
             request_id=exchange.request_id,
             ts=exchange.ts,
             endpoint=exchange.endpoint,
@@ -127,12 +157,26 @@ class Ledger:
             savings_routing_nusd=priced.savings_routing,
             savings_pruning_nusd=priced.savings_pruning,
             overhead_nusd=priced.overhead,
-            latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+            latency_ms=round(((exchange.finished or time.perf_counter()) - exchange.started) * 1000, 3),
             upstream_ms=_span(exchange.upstream_started, exchange.upstream_done),
             ttft_ms=_span(exchange.upstream_started, exchange.first_byte),
             status=exchange.status,
             error_code=exchange.error_code,
         )
+
+
+def _billable(exchange: Exchange) -> bool:
+    """Priced when the upstream answered (its usage, or a count of what it sent) or when the
+    client left while the upstream was at work (it may bill for that); an error returned
+    instead of an answer was not billed, and is recorded with no tokens at no cost."""
+    answered = exchange.first_byte is not None
+    abandoned = exchange.upstream_started is not None and exchange.status == 499
+    return answered or abandoned
+
+
+def _record_id() -> str:
+    """Time-ordered (nanoseconds, then 64 random bits): new rows append to the primary-key index."""
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
 def _plain(value: Decimal) -> str:

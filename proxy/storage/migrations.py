@@ -74,7 +74,6 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
             "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
             "CREATE INDEX IF NOT EXISTS ledger_team_ts ON ledger (team, ts)",
-            "CREATE INDEX IF NOT EXISTS ledger_key_ts ON ledger (key_id, ts)",
         ),
     ),
 )
