@@ -35,7 +35,7 @@ class LedgerRecord:
     completion_tokens: int
     cached_tokens: int
     reasoning_tokens: int
-    usage_source: str  # upstream | counted | none
+    usage_source: str  # upstream | counted | estimated | none
     price_input: str | None
     price_output: str | None
     price_cached_input: str | None

@@ -14,12 +14,16 @@ pointed there (unless already set) before the first encoding is loaded. Non-Open
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib.util
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import tiktoken
 
 # Per-message framing in OpenAI's chat format (role, separators), one more for a `name`, and the
@@ -62,7 +66,7 @@ class TokenCounter:
     def _encoding(self, name: str) -> tiktoken.Encoding:
         encoding = self._encodings.get(name)
         if encoding is None:
-            encoding = self._encodings[name] = tiktoken.get_encoding(name)
+            encoding = self._encodings[name] = _load(name)
         return encoding
 
     @staticmethod
@@ -95,6 +99,37 @@ class TokenCounter:
             if isinstance(content, list):
                 total += _IMAGE_TOKENS * sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image_url")
         return total
+
+
+def estimate_tokens(content: Any) -> int:
+    """About four bytes of text a token: for the rare record not worth loading a tokenizer for."""
+    if not content:
+        return 0
+    text = content if isinstance(content, str) else orjson.dumps(content).decode()
+    return max(1, len(text.encode()) // 4)
+
+
+def _load(name: str) -> tiktoken.Encoding:
+    """Load an encoding and give back what counting does not need.
+
+    An Encoding keeps, beside its Rust tokenizer, a Python dict of every token's bytes (200k
+    entries, about 27 MB for o200k_base) used only to pickle it; counting (``encode``) runs
+    in the Rust core alone, so the dict is dropped and freed memory returned to the system.
+    That keeps a worker that must count near 110 MB resident instead of 140 MB.
+    """
+    encoding = tiktoken.get_encoding(name)
+    ranks = getattr(encoding, "_mergeable_ranks", None)
+    if isinstance(ranks, dict) and len(ranks) > 1000:
+        encoding._mergeable_ranks = {}
+        del ranks
+        gc.collect()
+        _trim_heap()
+    return encoding
+
+
+def _trim_heap() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the memory is reused, just not returned
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _texts(message: dict[str, Any]) -> Iterable[str]:

@@ -24,7 +24,7 @@ from proxy.config import ModelConfig
 from proxy.cost.prices import Price, PriceTable
 from proxy.cost.pricing import Charge, Usage, charge
 from proxy.cost.record import LedgerRecord
-from proxy.cost.tokens import TokenCounter
+from proxy.cost.tokens import TokenCounter, estimate_tokens
 from proxy.cost.writer import LedgerWriter
 from proxy.pipeline.exchange import Exchange
 
@@ -50,6 +50,11 @@ class Ledger:
         model = exchange.target.target_model if exchange.target else exchange.requested_model
         payload = exchange.payload or {}
         messages = payload.get("messages") or ()
+        if exchange.status == 499 and not self._counter.ready(model):
+            # A client that left before any usage came back, in a deployment that never needed a
+            # tokenizer: estimated from the text's size rather than loading one (50+ MB) for it.
+            text = "".join(exchange.streamed_text or ())
+            return Usage(estimate_tokens(messages or payload.get("input")), estimate_tokens(text), source="estimated")
         if messages:
             prompt = self._counter.count_messages(messages, model)
         else:  # embeddings: the input strings

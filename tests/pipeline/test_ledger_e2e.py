@@ -7,7 +7,8 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import Settings
+from proxy.config import ModelConfig, Settings
 from proxy.cost.prices import Price, load_litellm_prices
 from proxy.cost.pricing import cost_nusd, usd
-from proxy.cost.tokens import TokenCounter
+from proxy.cost.tokens import TokenCounter, estimate_tokens
 from tests.conftest import MASTER_KEY
 from tests.fake_upstream import FakeUpstream, usage
 from tests.servers import ThreadServer
@@ -179,25 +180,54 @@ def test_an_unknown_model_is_recorded_as_a_404(client: openai.OpenAI, fake: Fake
     assert fake.requests == []
 
 
-def test_a_client_gone_mid_stream_is_recorded_as_499_with_counted_tokens(
-    client: openai.OpenAI, fake: FakeUpstream, db_path: Path, gpt_4o: Price, counter: TokenCounter
-) -> None:
+def abandon_stream(client: openai.OpenAI, fake: FakeUpstream, messages: list[Any]) -> tuple[str, str]:
+    """Read six chunks of a long streamed answer, then leave; the request id and what was seen."""
+
     async def long_answer(payload: dict[str, Any], request: web.Request) -> web.StreamResponse:
         return await fake.stream(request, payload, WORDS)
 
     fake.handler, fake.chunk_delay = long_answer, 0.02
-    messages: list[Any] = [{"role": "user", "content": "tell me a long story"}]
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages, stream=True)
     stream: Any = raw.parse()
     seen = ""
     for _, chunk in zip(range(6), stream, strict=False):
         seen += chunk.choices[0].delta.content or ""
     stream.close()
-    rec = record_of(db_path, raw.headers["x-request-id"])
+    return raw.headers["x-request-id"], seen
+
+
+def test_a_client_gone_mid_stream_is_recorded_as_499_with_counted_tokens(
+    start_gateway: Callable[[Settings], ThreadServer],
+    settings: Settings,
+    fake: FakeUpstream,
+    gpt_4o: Price,
+    counter: TokenCounter,
+) -> None:
+    # A gateway with a local model loads its tokenizer at start-up (local streams carry no usage).
+    local = ModelConfig("local-small", "llamacpp", settings.models[0].base_url)
+    gateway = start_gateway(replace(settings, models=(*settings.models, local)))
+    messages: list[Any] = [{"role": "user", "content": "tell me a long story"}]
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0) as client:
+        request_id, seen = abandon_stream(client, fake, messages)
+    rec = record_of(Path(settings.ledger.url.removeprefix("sqlite:///")), request_id)
 
     assert (rec["status"], rec["error_code"], rec["usage_source"]) == (499, "client_disconnected", "counted")
     assert rec["prompt_tokens"] == counter.count_messages(messages, "gpt-4o")
     assert counter.count_text(seen, "gpt-4o") <= rec["completion_tokens"] < counter.count_text(" ".join(WORDS), "gpt-4o")
+    assert rec["cost_nusd"] == cost_nusd(gpt_4o, rec["prompt_tokens"], 0, rec["completion_tokens"]) > 0
+
+
+def test_a_client_gone_mid_stream_without_a_tokenizer_is_estimated(
+    client: openai.OpenAI, fake: FakeUpstream, db_path: Path, gpt_4o: Price
+) -> None:
+    # Only remote models, no budgets: no tokenizer is loaded just to price an abandoned stream.
+    messages: list[Any] = [{"role": "user", "content": "tell me a long story"}]
+    request_id, seen = abandon_stream(client, fake, messages)
+    rec = record_of(db_path, request_id)
+
+    assert (rec["status"], rec["error_code"], rec["usage_source"]) == (499, "client_disconnected", "estimated")
+    assert rec["prompt_tokens"] == estimate_tokens(messages) > 0
+    assert estimate_tokens(seen) <= rec["completion_tokens"] < estimate_tokens(" ".join(WORDS))
     assert rec["cost_nusd"] == cost_nusd(gpt_4o, rec["prompt_tokens"], 0, rec["completion_tokens"]) > 0
 
 
