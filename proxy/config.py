@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -331,12 +331,4 @@ def _server(doc: Document, data: Any) -> ServerConfig:
 
 def read_usd(doc: Document, path: yamlsource.Path, value: Any) -> int:
     """USD as integer nano-dollars."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise doc.error(path, "must be an amount in USD")
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise doc.error(path, "must be an amount in USD") from None
-    if not amount.is_finite() or amount < 0:
-        raise doc.error(path, "must be a non-negative amount in USD")
-    return int(amount * NANO_PER_USD)
+    return int(read_money(doc, path, value, "an amount in USD", "a non-negative amount in USD") * NANO_PER_USD)

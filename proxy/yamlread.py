@@ -64,13 +64,15 @@ def read_seconds(doc: Document, path: Path, value: Any) -> float:
     return float(value)
 
 
-def read_money(doc: Document, path: Path, value: Any) -> Decimal:
+def read_money(
+    doc: Document, path: Path, value: Any, what: str = "a number (USD per 1M tokens)", sign: str = "a non-negative number"
+) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise doc.error(path, "must be a number (USD per 1M tokens)")
+        raise doc.error(path, f"must be {what}")
     try:
         amount = Decimal(str(value))
     except InvalidOperation:
-        raise doc.error(path, "must be a number (USD per 1M tokens)") from None
+        raise doc.error(path, f"must be {what}") from None
     if not amount.is_finite() or amount < 0:
-        raise doc.error(path, "must be a non-negative number")
+        raise doc.error(path, f"must be {sign}")
     return amount

@@ -73,16 +73,21 @@ class StreamTap:
         for event in self._events:
             payload = _payload(event)
             for choice in (payload or {}).get("choices") or ():
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                if not isinstance(delta, dict):
-                    continue
-                if isinstance(delta.get("content"), str):
-                    parts.append(delta["content"])
-                for call in delta.get("tool_calls") or ():
-                    function = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(function, dict):
-                        parts.extend(str(function.get(k) or "") for k in ("name", "arguments"))
+                if isinstance(choice, dict):
+                    parts.extend(generated_texts(choice.get("delta")))
         return parts
+
+
+def generated_texts(message: Any) -> list[str]:
+    """The generated text of a message or a stream delta: content and tool-call name/arguments."""
+    if not isinstance(message, dict):
+        return []
+    parts = [message["content"]] if isinstance(message.get("content"), str) else []
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts.extend(str(function.get(k) or "") for k in ("name", "arguments"))
+    return parts
 
 
 def _payload(event: bytes) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from proxy.api.sse import generated_texts
 from proxy.cost.pricing import Usage, usage_from_openai
 from proxy.errors import BadRequest, ThriftyError
 
@@ -131,18 +132,8 @@ def reply_texts(body: bytes) -> list[str]:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return []
-    parts: list[str] = []
-    for choice in data.get("choices") or () if isinstance(data, dict) else ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
-            continue
-        if isinstance(message.get("content"), str):
-            parts.append(message["content"])
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                parts.extend(str(function.get(k) or "") for k in ("name", "arguments"))
-    return parts
+    choices = data.get("choices") or () if isinstance(data, dict) else ()
+    return [text for choice in choices if isinstance(choice, dict) for text in generated_texts(choice.get("message"))]
 
 
 def sse_error(exc: ThriftyError) -> bytes:
