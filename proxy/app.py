@@ -27,6 +27,7 @@ from proxy.cost.tokens import TokenCounter
 from proxy.cost.writer import LedgerWriter
 from proxy.discovery import discover_local
 from proxy.pipeline.auth import Authenticator
+from proxy.pipeline.cache import open_cache
 from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
 from proxy.providers.base import Provider
@@ -70,6 +71,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             guard = await open_guard(settings.budgets, models)
             if guard is not None:
                 stack.push_async_callback(guard.close)  # settles still running, then Redis closes
+            cache = open_cache(settings.cache)
+            if cache is not None:
+                stack.push_async_callback(cache.close)  # stores still running, then Redis closes
             gateway = Gateway(
                 settings=settings,
                 db=db,
@@ -81,6 +85,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 providers=providers,
                 models_body=_models_body(models),
                 guard=guard,
+                cache=cache,
             )
             app[GATEWAY] = gateway
             if not models:

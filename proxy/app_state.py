@@ -9,6 +9,7 @@ from aiohttp import web
 
 from proxy.config import ModelConfig, Settings
 from proxy.pipeline.auth import Authenticator
+from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.guard import Guard
 from proxy.pipeline.ledger import Ledger
 from proxy.providers.base import Provider
@@ -31,6 +32,7 @@ class Gateway:
     providers: dict[str, Provider] = field(default_factory=dict)
     models_body: bytes = b'{"object":"list","data":[]}'
     guard: Guard | None = None  # None when no budgets are configured
+    cache: ResponseCache | None = None  # None when the cache is turned off
 
     async def check_stores(self) -> list[str]:
         """What keeps the proxy from being ready; empty when every store answers."""

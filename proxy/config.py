@@ -126,6 +126,24 @@ class BudgetsConfig:
     limits: tuple[BudgetLimit, ...] = ()
 
 
+CACHE_SCOPES = ("team", "key")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The response cache (``cache:``): shared through Redis when ``redis_url`` is set, else per process."""
+
+    enabled: bool = True
+    redis_url: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False
+    ttl_seconds: float = 3600.0
+    scope: str = "team"  # team | key: whose requests may share answers
+    max_entry_bytes: int = 262_144
+    timeout_seconds: float = 0.1  # a slower Redis answer counts as a miss
+    memory_entries: int = 10_000  # the in-process store's bounds
+    memory_bytes: int = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     models: tuple[ModelConfig, ...] = ()
@@ -134,6 +152,7 @@ class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     prices: Mapping[str, PriceConfig] = field(default_factory=dict)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     source: str | None = None
     # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
     discover_local: bool = False
@@ -174,7 +193,7 @@ def zero_config(env: Mapping[str, str]) -> Settings:
     return Settings(models=tuple(models), auth=auth, discover_local=True)
 
 
-_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets"}
+_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache"}
 
 
 def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
@@ -190,7 +209,10 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
     server = _server(doc, data.get("server", {}))
     prices = _prices(doc, data.get("prices", {}))
     budgets = _budgets(doc, data.get("budgets", {}))
-    return Settings(models=models, auth=auth, ledger=ledger, server=server, prices=prices, budgets=budgets, source=doc.source)
+    cache = _cache(doc, data.get("cache", {}))
+    return Settings(
+        models=models, auth=auth, ledger=ledger, server=server, prices=prices, budgets=budgets, cache=cache, source=doc.source
+    )
 
 
 def _ledger(doc: Document, data: Any) -> LedgerConfig:
@@ -244,6 +266,32 @@ def _budgets(doc: Document, data: Any) -> BudgetsConfig:
             raise doc.error(("budgets", "limits", index), f"a {limit.period} {limit.scope} {limit.name!r} budget is set twice")
         limits[limit.scope, limit.name, limit.period] = limit
     return BudgetsConfig(redis_url=redis_url, redis_cluster=cluster, limits=tuple(limits.values()))
+
+
+def _cache(doc: Document, data: Any) -> CacheConfig:
+    keys = {"enabled", "redis_url", "redis_cluster", "ttl_seconds", "scope", "max_entry_bytes", "timeout_seconds"}
+    data = read_section(doc, ("cache",), data, keys | {"memory_entries", "memory_bytes"})
+    base = CacheConfig()
+    redis_url = read_str(doc, ("cache", "redis_url"), data.get("redis_url")) or None
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise doc.error(("cache", "redis_url"), "must start with redis://, rediss:// or unix://")
+    for flag in ("enabled", "redis_cluster"):
+        if not isinstance(data.get(flag, False), bool):
+            raise doc.error(("cache", flag), "must be true or false")
+    scope = read_str(doc, ("cache", "scope"), data.get("scope", base.scope))
+    if scope not in CACHE_SCOPES:
+        raise doc.error(("cache", "scope"), f"must be one of {', '.join(CACHE_SCOPES)}, not {scope!r}")
+    return CacheConfig(
+        enabled=data.get("enabled", base.enabled),
+        redis_url=redis_url,
+        redis_cluster=data.get("redis_cluster", base.redis_cluster),
+        ttl_seconds=read_seconds(doc, ("cache", "ttl_seconds"), data.get("ttl_seconds", base.ttl_seconds)),
+        scope=scope,
+        max_entry_bytes=read_int(doc, ("cache", "max_entry_bytes"), data.get("max_entry_bytes", base.max_entry_bytes), 1024),
+        timeout_seconds=read_seconds(doc, ("cache", "timeout_seconds"), data.get("timeout_seconds", base.timeout_seconds)),
+        memory_entries=read_int(doc, ("cache", "memory_entries"), data.get("memory_entries", base.memory_entries), 1),
+        memory_bytes=read_int(doc, ("cache", "memory_bytes"), data.get("memory_bytes", base.memory_bytes), 1024),
+    )
 
 
 def _budget_limit(doc: Document, path: yamlsource.Path, item: Any) -> BudgetLimit:

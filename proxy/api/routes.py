@@ -22,9 +22,11 @@ from proxy.api.middleware import REQUEST_ID
 from proxy.api.reports import add_report_routes
 from proxy.api.sse import StreamTap, cost_comment
 from proxy.app_state import GATEWAY, Gateway
+from proxy.cache.entry import Entry, replay, response_body
 from proxy.cost.pricing import usage_from_openai, usd
 from proxy.errors import ModelNotFound, NotReady, ThriftyError, UpstreamUnavailable
 from proxy.pipeline.auth import Principal, bearer_token
+from proxy.pipeline.cache import Plan
 from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.guard import Ticket
 from proxy.providers.base import Call, Reply
@@ -83,6 +85,11 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     if target is None:
         raise ModelNotFound(f"The model '{parsed.model}' does not exist or is not configured on this gateway.", param="model")
     exchange.target = target
+    plan = gateway.cache.plan(exchange, request.headers.get("Cache-Control")) if gateway.cache else None
+    if plan is not None and plan.read and gateway.cache is not None:
+        hit = await gateway.cache.lookup(plan)
+        if hit is not None:
+            return await _answer_cached(request, gateway, exchange, hit)
     ticket = await gateway.guard.admit(exchange, gateway.ledger.price_of(target.name)) if gateway.guard else None
     if ticket is not None:
         request[_BUDGET] = ticket
@@ -91,10 +98,12 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     exchange.upstream_started = time.perf_counter()
     reply = await gateway.providers[target.name].send(call)
     headers = {"x-request-id": exchange.request_id, "x-thrifty-model": target.name}
+    if gateway.cache is not None and exchange.endpoint == "chat/completions":
+        headers["x-thrifty-cache"] = exchange.cache
     if ticket is not None and ticket.warning:
         headers["x-thrifty-budget-warning"] = ticket.warning
     if reply.chunks is not None:
-        return await _relay(request, gateway, exchange, reply, headers, added_usage)
+        return await _relay(request, gateway, exchange, reply, headers, added_usage, plan)
     exchange.first_byte = exchange.upstream_done = time.perf_counter()
     exchange.usage = wire.usage_of(reply.body)
     if exchange.usage is None:  # an upstream that reports no usage: the ledger counts
@@ -104,11 +113,19 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     headers["x-thrifty-cost-usd"] = usd(priced.cost)
     headers["x-thrifty-savings-usd"] = usd(priced.net_savings)
     headers["Content-Type"] = reply.content_type
+    if plan is not None and reply.status == 200 and gateway.cache is not None:
+        gateway.cache.store_reply(plan, reply.body, exchange.usage)
     return web.Response(status=reply.status, body=reply.body, headers=headers)
 
 
 async def _relay(
-    request: web.Request, gateway: Gateway, exchange: Exchange, reply: Reply, headers: dict[str, str], hide_usage: bool
+    request: web.Request,
+    gateway: Gateway,
+    exchange: Exchange,
+    reply: Reply,
+    headers: dict[str, str],
+    hide_usage: bool,
+    plan: Plan | None = None,
 ) -> web.StreamResponse:
     chunks = reply.chunks
     assert chunks is not None
@@ -140,6 +157,8 @@ async def _relay(
         _settle(exchange, tap)
         await gateway.ledger.count(exchange)
         priced = gateway.ledger.price(exchange)
+        if plan is not None and reply.status == 200 and gateway.cache is not None:
+            gateway.cache.store_stream(plan, tap.events, tap.usage, exchange.usage)
         await response.write(cost_comment(usd(priced.cost), usd(priced.net_savings)) + wire.SSE_DONE)
         await response.write_eof()
         return response
@@ -147,6 +166,36 @@ async def _relay(
         if exchange.usage is None:
             _settle(exchange, tap)
         await reply.aclose()
+
+
+async def _answer_cached(request: web.Request, gateway: Gateway, exchange: Exchange, hit: Entry) -> web.StreamResponse:
+    """A cache hit: the stored answer (replayed as a stream if one was asked for), at no cost."""
+    exchange.cache, exchange.usage = "exact", hit.usage
+    if hit.usage is None:
+        exchange.streamed_text = wire.reply_texts(response_body(hit))
+        await gateway.ledger.count(exchange)
+    priced = gateway.ledger.price(exchange)
+    assert exchange.target is not None
+    headers = {
+        "x-request-id": exchange.request_id,
+        "x-thrifty-model": exchange.target.name,
+        "x-thrifty-cache": "exact",
+        "x-thrifty-cost-usd": usd(priced.cost),
+        "x-thrifty-savings-usd": usd(priced.net_savings),
+    }
+    if exchange.route is not None:
+        headers["x-thrifty-route"] = exchange.route
+    if not exchange.stream:
+        return web.Response(body=response_body(hit), headers={**headers, "Content-Type": _JSON})
+    options = (exchange.payload or {}).get("stream_options")
+    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    exchange.first_byte = time.perf_counter()
+    response = web.StreamResponse(status=200, headers={**_EVENT_STREAM_HEADERS, **headers})
+    await response.prepare(request)
+    body = replay(hit, include_usage) + cost_comment(usd(priced.cost), usd(priced.net_savings)) + wire.SSE_DONE
+    await response.write(body)
+    await response.write_eof()
+    return response
 
 
 def _settle(exchange: Exchange, tap: StreamTap) -> None:

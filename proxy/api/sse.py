@@ -67,6 +67,11 @@ class StreamTap:
         payload.pop("usage", None)
         return b"data: " + orjson.dumps(payload)
 
+    @property
+    def events(self) -> list[bytes]:
+        """The content events relayed so far, raw (the cache reassembles an answer from them)."""
+        return self._events
+
     def text(self) -> list[str]:
         """The content relayed so far (text and tool-call arguments), for counting tokens."""
         parts: list[str] = []
