@@ -5,16 +5,19 @@ a Redis that is down or hangs never fails a request."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 import pytest
 
 from proxy.cost.pricing import usd
-from tests.api.conftest import closed_port
+from tests.api.conftest import closed_port, wait_until
 from tests.cache.conftest import Cached, StartCached
 from tests.fake_upstream import FakeUpstream
 from tests.pipeline.test_ledger_e2e import record_of
@@ -184,3 +187,73 @@ def test_redis_down_or_silent_serves_uncached(
     assert len(fake.requests) == 10
     warnings = [r for r in caplog.records if "cache store (Redis) unreachable" in r.getMessage()]
     assert 1 <= len(warnings) <= 2  # rate-limited
+
+
+class Relay:
+    """A TCP relay to Redis on a fixed port that a test can cut (Redis "down") and restore."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.port = closed_port()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                server = socket.create_connection(self.target)
+            except OSError:
+                return
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        assert self._listener is not None
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets.clear()
+
+
+def test_hits_resume_when_redis_returns(start_cached: StartCached, fake: FakeUpstream, prompt: str, redis_url: str) -> None:
+    address = urlsplit(redis_url)
+    relay = Relay((address.hostname or "127.0.0.1", address.port or 6379))
+    try:
+        gateway = start_cached(redis_url=f"redis://127.0.0.1:{relay.port}/0", timeout_seconds=0.05)
+        ask(gateway.client, prompt)
+        gateway.drain()
+        assert ask(gateway.client, prompt).headers["x-thrifty-cache"] == "exact"
+        relay.cut()
+        for _ in range(5):  # Redis gone: every request is still answered, by the upstream
+            response = ask(gateway.client, prompt)
+            assert response.headers["x-thrifty-cache"] == "miss"
+            assert response.parse().choices[0].message.content == f"echo: {prompt}"
+        assert len(fake.requests) == 6
+        relay.restore()
+        assert wait_until(lambda: ask(gateway.client, prompt).headers["x-thrifty-cache"] == "exact", timeout=15)
+    finally:
+        relay.cut()
