@@ -30,6 +30,7 @@ from proxy.pipeline.auth import Authenticator
 from proxy.pipeline.cache import open_cache
 from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
+from proxy.pipeline.route import load_router
 from proxy.providers.base import Provider
 from proxy.providers.openai_compat import OpenAICompatible
 from proxy.redact import Redactor
@@ -65,6 +66,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             redact = Redactor(m.api_key for m in models if m.api_key)
             for model in models:
                 providers[model.name] = _provider(model, session, redact)
+            router = await load_router(settings.policies, models)  # invalid: the start fails, nothing half-applied
             keys = KeyStore(db)
             ledger = await _ledger(settings, db, {m.name: m for m in models})
             stack.push_async_callback(ledger.close)
@@ -85,6 +87,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 providers=providers,
                 models_body=_models_body(models),
                 guard=guard,
+                router=router,
                 cache=cache,
             )
             app[GATEWAY] = gateway

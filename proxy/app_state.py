@@ -12,6 +12,7 @@ from proxy.pipeline.auth import Authenticator
 from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.guard import Guard
 from proxy.pipeline.ledger import Ledger
+from proxy.pipeline.route import Router
 from proxy.providers.base import Provider
 from proxy.redact import Redactor
 from proxy.storage.database import Database
@@ -32,6 +33,7 @@ class Gateway:
     providers: dict[str, Provider] = field(default_factory=dict)
     models_body: bytes = b'{"object":"list","data":[]}'
     guard: Guard | None = None  # None when no budgets are configured
+    router: Router | None = None  # None when no routing policy is configured
     cache: ResponseCache | None = None  # None when the cache is turned off
 
     async def check_stores(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""The ``thrifty`` command: serve, and keys create / list / revoke.
+"""The ``thrifty`` command: serve, keys create / list / revoke, report, and policy check / explain.
 
 A bad argument or a bad configuration file prints one line (``thrifty: error: ...``) and
 exits with code 2, never a traceback; ``--help`` on any command says the rest.
@@ -17,6 +17,7 @@ from typing import NoReturn
 from proxy.config import Settings, load_settings
 from proxy.cost.report_cli import add_report_parser, run_report
 from proxy.errors import ConfigError
+from proxy.policy.cli import add_policy_parser, run_policy
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(revoke)
     revoke.add_argument("key_id")
     add_report_parser(commands)
+    add_policy_parser(commands)
     return parser
 
 
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(settings, args)
         if args.command == "report":
             return asyncio.run(run_report(settings, args))
+        if args.command == "policy":
+            return run_policy(settings, args)
         return asyncio.run(_keys(settings, args))
     except ConfigError as exc:
         print(f"thrifty: error: {exc}", file=sys.stderr)

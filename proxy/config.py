@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,16 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class ModelCapabilities:
+    """The config's word on what a model can do (None: litellm's price map decides)."""
+
+    tools: bool | None = None
+    vision: bool | None = None
+    json_schema: bool | None = None
+    context_window: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     provider: str
@@ -55,6 +65,7 @@ class ModelConfig:
     api_key: str | None = field(default=None, repr=False)
     upstream_model: str = ""
     timeouts: Timeouts = field(default_factory=Timeouts)
+    capabilities: ModelCapabilities = field(default_factory=ModelCapabilities)
 
     @property
     def is_local(self) -> bool:
@@ -156,6 +167,8 @@ class Settings:
     source: str | None = None
     # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
     discover_local: bool = False
+    # The routing policy file (``policies:``); None: every request goes to the model it names.
+    policies: str | None = None
 
     def secrets(self) -> tuple[str, ...]:
         """Every upstream API key, so logs and errors can be scrubbed of them."""
@@ -167,14 +180,32 @@ def load_settings(path: str | None = None, env: Mapping[str, str] | None = None)
     env = os.environ if env is None else env
     path = path or env.get("THRIFTY_CONFIG") or None
     if path is None:
-        return zero_config(env)
+        return replace(zero_config(env), policies=_default_policies())
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", source=str(path)) from None
     doc = yamlsource.parse(text, str(path), env)
-    return from_document(doc, env)
+    return replace(from_document(doc, env), policies=_policies(doc))
+
+
+DEFAULT_POLICIES = "policies/default.yaml"
+
+
+def _default_policies() -> str | None:
+    return DEFAULT_POLICIES if Path(DEFAULT_POLICIES).is_file() else None
+
+
+def _policies(doc: Document) -> str | None:
+    """``policies:`` a file path (relative to the working directory), or false for none; default if present."""
+    data = doc.data if isinstance(doc.data, dict) else {}
+    if "policies" not in data:
+        return _default_policies()
+    value = data["policies"]
+    if value is False or value is None:
+        return None
+    return read_str(doc, ("policies",), value, required=True)
 
 
 def zero_config(env: Mapping[str, str]) -> Settings:
@@ -202,7 +233,7 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
         data = {}
     if not isinstance(data, dict):
         raise doc.error((), "the config file must be a mapping of sections")
-    reject_unknown(doc, (), data, _TOP_KEYS)
+    reject_unknown(doc, (), data, {*_TOP_KEYS, "policies"})
     models = _models(doc, data.get("models", []))
     auth = _auth(doc, data.get("auth", {}), env)
     ledger = _ledger(doc, data.get("ledger", {}))
@@ -318,7 +349,7 @@ def _models(doc: Document, items: Any) -> tuple[ModelConfig, ...]:
         raise doc.error(("models",), "must be a list of models")
     seen: set[str] = set()
     out = []
-    keys = {"name", "provider", "base_url", "api_key", "upstream_model", "timeouts"}
+    keys = {"name", "provider", "base_url", "api_key", "upstream_model", "timeouts", "capabilities"}
     for index, item in enumerate(items):
         path = ("models", index)
         item = read_section(doc, path, item, keys)
@@ -338,8 +369,23 @@ def _models(doc: Document, items: Any) -> tuple[ModelConfig, ...]:
             api_key = read_str(doc, (*path, "api_key"), api_key) or None
         timeouts = _timeouts(doc, (*path, "timeouts"), item.get("timeouts", {}))
         upstream_model = read_str(doc, (*path, "upstream_model"), item.get("upstream_model", ""))
-        out.append(ModelConfig(name, provider, base_url.rstrip("/"), api_key, upstream_model, timeouts))
+        capabilities = _capabilities(doc, (*path, "capabilities"), item.get("capabilities", {}))
+        out.append(ModelConfig(name, provider, base_url.rstrip("/"), api_key, upstream_model, timeouts, capabilities))
     return tuple(out)
+
+
+def _capabilities(doc: Document, path: yamlsource.Path, data: Any) -> ModelCapabilities:
+    data = read_section(doc, path, data, {"tools", "vision", "json_schema", "context_window"})
+    for flag in ("tools", "vision", "json_schema"):
+        if flag in data and not isinstance(data[flag], bool):
+            raise doc.error((*path, flag), "must be true or false")
+    window = data.get("context_window")
+    return ModelCapabilities(
+        tools=data.get("tools"),
+        vision=data.get("vision"),
+        json_schema=data.get("json_schema"),
+        context_window=None if window is None else read_int(doc, (*path, "context_window"), window, 1),
+    )
 
 
 def _timeouts(doc: Document, path: yamlsource.Path, data: Any) -> Timeouts:

@@ -81,6 +81,8 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     tag_header = request.headers.get("x-thrifty-tags")
     if tag_header or "metadata" in parsed.payload:
         exchange.tags = wire.parse_tags(tag_header, parsed.payload.get("metadata"))
+    if gateway.router is not None:
+        parsed = await gateway.router.route(exchange, parsed, request.headers)
     target = gateway.models.get(parsed.model)
     if target is None:
         raise ModelNotFound(f"The model '{parsed.model}' does not exist or is not configured on this gateway.", param="model")
@@ -98,6 +100,8 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     exchange.upstream_started = time.perf_counter()
     reply = await gateway.providers[target.name].send(call)
     headers = {"x-request-id": exchange.request_id, "x-thrifty-model": target.name}
+    if exchange.route is not None:
+        headers["x-thrifty-route"] = exchange.route
     if gateway.cache is not None and exchange.endpoint == "chat/completions":
         headers["x-thrifty-cache"] = exchange.cache
     if ticket is not None and ticket.warning:

@@ -1,0 +1,115 @@
+"""Stage: route. Runs the routing policy on a chat request and rewrites it for the chosen model.
+
+Sits after authentication and before the model lookup in ``api.routes``. Features are
+read cheaply from the payload; the policy engine (pure) decides; only when a rule or a
+context window needs the exact prompt size are tokens counted, on a worker thread. The
+request then names the chosen model (and carries the rule's ``max_tokens`` cap), and the
+exchange records the rule and the policy version for the ledger and the
+``x-thrifty-route`` header. No rule applying leaves the request as it was. Embeddings are
+not routed. The policy is loaded once at start-up; an invalid one stops the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from proxy.api.wire import ParsedRequest
+from proxy.config import ModelConfig
+from proxy.cost.tokens import TokenCounter
+from proxy.errors import UnsupportedRequest
+from proxy.pipeline.exchange import Exchange
+from proxy.policy.capabilities import Capabilities, capabilities_for
+from proxy.policy.engine import evaluate
+from proxy.policy.features import extract, with_tokens
+from proxy.policy.loader import load_policy
+from proxy.policy.model import Decision, Features, Policy
+
+log = logging.getLogger("thrifty.route")
+
+COUNTING_MODEL = "gpt-4o"  # o200k_base: the encoding token conditions are measured in
+
+
+class Router:
+    def __init__(
+        self,
+        policy: Policy,
+        capabilities: Mapping[str, Capabilities],
+        models: Collection[str],
+        counter: TokenCounter | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.policy = policy
+        self.capabilities = capabilities
+        self._models = frozenset(models)
+        self._counter = counter or TokenCounter()
+        self._clock = clock
+
+    def features(self, exchange: Exchange, payload: Mapping[str, Any], headers: Mapping[str, str]) -> Features:
+        return extract(
+            payload,
+            request_id=exchange.request_id,
+            principal=exchange.principal,
+            headers=headers,
+            header_names=self.policy.header_names,
+            tags=exchange.tags,
+            now=self._clock(),
+        )
+
+    async def route(self, exchange: Exchange, parsed: ParsedRequest, headers: Mapping[str, str]) -> ParsedRequest:
+        if exchange.endpoint != "chat/completions":
+            return parsed
+        policy = self.policy  # one version for the whole request
+        exchange.policy_version = policy.version
+        features = self.features(exchange, parsed.payload, headers)
+        decision = evaluate(policy, features, self.capabilities)
+        if decision.needs_tokens:
+            tokens = await asyncio.to_thread(self.count, parsed.payload)
+            decision = evaluate(policy, with_tokens(features, tokens), self.capabilities)
+        if decision.model is None:
+            if decision.notes and parsed.model not in self._models:
+                why = "; ".join(decision.notes)
+                raise UnsupportedRequest(f"No configured model can serve this request: {why}", param="model")
+            return parsed
+        exchange.route = decision.rule
+        return rewrite(parsed, decision)
+
+    def count(self, payload: Mapping[str, Any]) -> int:
+        return self._counter.count_messages(payload.get("messages") or (), COUNTING_MODEL)
+
+
+def rewrite(parsed: ParsedRequest, decision: Decision) -> ParsedRequest:
+    """The request as sent to the chosen model, with the rule's cap on generated tokens."""
+    assert decision.model is not None
+    changes: dict[str, Any] = {}
+    if decision.model != parsed.model:
+        changes["model"] = decision.model
+    cap = decision.max_tokens
+    if cap is not None:
+        field = "max_completion_tokens" if "max_completion_tokens" in parsed.payload else "max_tokens"
+        asked = parsed.payload.get(field)
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked > cap:
+            changes[field] = cap
+    if not changes:
+        return parsed
+    payload = {**parsed.payload, **changes}
+    return ParsedRequest(decision.model, parsed.stream, payload, orjson.dumps(payload))
+
+
+async def load_router(path: str | None, models: Sequence[ModelConfig]) -> Router | None:
+    """The router for the policy at ``path`` (None: no routing); raises ConfigError when invalid."""
+    if path is None:
+        return None
+
+    def build() -> Router:
+        policy = load_policy(path, models)
+        return Router(policy, capabilities_for(models), [m.name for m in models])
+
+    router = await asyncio.to_thread(build)
+    log.info("routing policy %s (version %s): %d rules", path, router.policy.version, len(router.policy.rules))
+    return router

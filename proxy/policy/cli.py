@@ -1,0 +1,137 @@
+"""``thrifty policy check PATH`` and ``thrifty policy explain --request FILE [--policy PATH]``.
+
+Wired into ``proxy.cli`` by :func:`add_policy_parser` and :func:`run_policy`. ``check``
+validates a policy against the models of the configuration (``--config``) and exits 0, or
+prints one line, ``thrifty: error: FILE:LINE: key: what is wrong``, and exits 2.
+``explain`` says which rule a request would take and why each earlier rule did not. The
+request file is a chat completion body as JSON, or ``{"body": {...}, "key": ..., "team":
+..., "app": ..., "tags": {...}, "headers": {...}, "request_id": ...}`` to stand in for who
+sends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from proxy.config import Settings
+from proxy.cost.tokens import TokenCounter
+from proxy.errors import ConfigError
+from proxy.pipeline.auth import Principal
+from proxy.pipeline.route import COUNTING_MODEL
+from proxy.policy.capabilities import capabilities_for
+from proxy.policy.engine import evaluate
+from proxy.policy.features import extract, with_tokens
+from proxy.policy.loader import load_policy
+from proxy.policy.model import Decision, Features, Policy
+
+_EPILOG = """examples:
+  thrifty policy check policies/default.yaml --config thrifty.yaml
+  thrifty policy explain --request req.json --policy policies/default.yaml
+"""
+
+
+def add_policy_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``policy check|explain`` to the ``thrifty`` sub-commands."""
+    policy: argparse.ArgumentParser = subparsers.add_parser(
+        "policy", help="check routing policies and explain routing decisions", epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    commands = policy.add_subparsers(dest="policy_command", required=True, parser_class=type(policy))
+    check = commands.add_parser("check", help="validate a policy file: exit 0, or one line with file:line and the problem")
+    check.add_argument("path", metavar="PATH", help="the policy YAML file")
+    explain = commands.add_parser("explain", help="which rule a request takes, and why earlier rules do not")
+    explain.add_argument("--request", required=True, metavar="FILE", help="a chat completion request body (JSON)")
+    explain.add_argument("--policy", metavar="PATH", help="the policy file (default: the configuration's policies:)")
+    for sub in (check, explain):
+        sub.add_argument("--config", metavar="FILE", help="YAML configuration naming the models (default: $THRIFTY_CONFIG)")
+    return policy
+
+
+def run_policy(settings: Settings, args: argparse.Namespace) -> int:
+    """Raises ConfigError for the caller to print as one line (exit 2)."""
+    if args.policy_command == "check":
+        policy = load_policy(args.path, settings.models)
+        print(_summary(policy))
+        return 0
+    path = args.policy or settings.policies
+    if path is None:
+        raise ConfigError("no policy to explain: pass --policy PATH or set policies: in the configuration")
+    policy = load_policy(path, settings.models)
+    features = _request_features(Path(args.request), policy)
+    capabilities = capabilities_for(settings.models)
+    decision = evaluate(policy, features, capabilities, explain=True)
+    if decision.needs_tokens:
+        tokens = TokenCounter().count_messages(_body(Path(args.request)).get("messages") or (), COUNTING_MODEL)
+        features = with_tokens(features, tokens)
+        decision = evaluate(policy, features, capabilities, explain=True)
+    print(_explanation(policy, features, decision))
+    return 0
+
+
+def _summary(policy: Policy) -> str:
+    lines = [f"ok: {policy.source}: {len(policy.rules)} rules, version {policy.version}"]
+    for alias, models in policy.aliases.items():
+        shown = ", ".join(models) if models else "(no configured model: rules using only it are inactive)"
+        lines.append(f"  alias {alias} -> {shown}")
+    lines += [f"  rule {r.name!r} (line {r.line}) is inactive: {r.action.inactive}" for r in policy.rules if r.action.inactive]
+    return "\n".join(lines)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read request file: {exc.strerror}", source=str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the request is not valid JSON: {exc.msg}", source=str(path), line=exc.lineno) from None
+
+
+def _body(path: Path) -> dict[str, Any]:
+    data = _load_json(path)
+    body = data.get("body", data) if isinstance(data, dict) and "messages" not in data else data
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise ConfigError('the request must be a chat completion body with a model (or {"body": {...}})', source=str(path))
+    return body
+
+
+def _request_features(path: Path, policy: Policy) -> Features:
+    data = _load_json(path)
+    envelope = data if isinstance(data, dict) and "messages" not in data else {}
+    principal = None
+    if any(envelope.get(k) for k in ("key", "team", "app")):
+        principal = Principal(str(envelope.get("key") or "explain"), envelope.get("team"), envelope.get("app"), "user")
+    headers = {str(k).lower(): str(v) for k, v in (envelope.get("headers") or {}).items()}
+    tags = {str(k): str(v) for k, v in (envelope.get("tags") or {}).items()}
+    return extract(
+        _body(path),
+        request_id=str(envelope.get("request_id") or "explain"),
+        principal=principal,
+        headers=headers,
+        header_names=policy.header_names,
+        tags=tags,
+        now=float(envelope.get("now") or time.time()),
+    )
+
+
+def _explanation(policy: Policy, f: Features, decision: Decision) -> str:
+    tokens = f"{f.prompt_tokens} tokens" if f.prompt_tokens is not None else f"at most {f.prompt_bound} tokens"
+    uses = [name for name, on in (("tools", f.tools), ("images", f.images), (f.json_mode or "", bool(f.json_mode))) if on]
+    lines = [
+        f"policy: {policy.source} (version {policy.version})",
+        f"request: model={f.model} key={f.key_id or '-'} team={f.team or '-'} app={f.app or '-'} "
+        f"prompt={tokens} uses={','.join(uses) or 'no tools, images or JSON mode'}",
+    ]
+    lines += [f"  {note}" for note in decision.notes]
+    if decision.rule is None:
+        lines.append(f"-> no rule applies: the request goes to the model it names ({f.model})")
+    else:
+        rule = policy.rule_named(decision.rule)
+        line = f" (line {rule.line})" if rule and rule.line else ""
+        tail = f"; fallbacks: {', '.join(decision.fallbacks)}" if decision.fallbacks else ""
+        cap = f"; max_tokens capped at {decision.max_tokens}" if decision.max_tokens else ""
+        lines.append(f"-> rule {decision.rule!r}{line} matched: routed to {decision.model}{tail}{cap}")
+    return "\n".join(lines)

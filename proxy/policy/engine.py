@@ -1,0 +1,81 @@
+"""The policy engine: (policy, request features, model capabilities) -> :class:`Decision`. Pure.
+
+Rules are tried in order and the first that matches *and* has a capable target wins. A rule
+whose conditions hold but whose every target lacks what the request uses (tools, images, a
+JSON schema, a context window large enough) is passed over with a note saying why, and the
+next rule is tried. A weighted split picks its arm from a hash of the request id and the
+rule name: the same request always lands on the same arm, and arms get their share of
+traffic. The chosen arm's models come first; the other arms' follow as fallbacks.
+
+When a token condition or a context window cannot be decided from the cheap upper bound,
+the decision says ``needs_tokens``: the caller counts (off the event loop) and calls again.
+Notes about rules that did not match are only written when ``explain`` is asked for, so
+the hot path allocates nothing per rule.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+from proxy.policy.capabilities import NEEDS_TOKENS, UNKNOWN, Capabilities, unfit
+from proxy.policy.model import Action, Decision, Features, Policy, Rule
+
+
+def evaluate(policy: Policy, features: Features, capabilities: Mapping[str, Capabilities], *, explain: bool = False) -> Decision:
+    notes: list[str] = []
+    for rule in policy.rules:
+        failed = None
+        for condition in rule.conditions:
+            verdict = condition.test(features)
+            if verdict is None:
+                return Decision(None, None, policy.version, needs_tokens=True, notes=tuple(notes))
+            if not verdict:
+                failed = condition
+                break
+        if failed is not None:
+            if explain:
+                notes.append(f"{_where(rule)}: not matched: {failed.text} is false ({failed.seen(features)})")
+            continue
+        action = rule.action
+        if not action.arms:
+            if explain:
+                notes.append(f"{_where(rule)}: matched, but {action.inactive}")
+            continue
+        usable: list[str] = []
+        for model in candidates(action, features.request_id, rule.name):
+            reason = unfit(capabilities.get(model, UNKNOWN), features)
+            if reason is None:
+                usable.append(model)
+            elif reason == NEEDS_TOKENS:
+                return Decision(None, None, policy.version, needs_tokens=True, notes=tuple(notes))
+            else:
+                notes.append(f"{_where(rule)}: skipped {model}: {reason}")
+        if not usable:
+            notes.append(f"{_where(rule)}: matched, but no target can serve this request")
+            continue
+        return Decision(rule.name, usable[0], policy.version, tuple(usable[1:]), action.max_tokens, notes=tuple(notes))
+    return Decision(None, None, policy.version, notes=tuple(notes))
+
+
+def candidates(action: Action, request_id: str, rule_name: str) -> tuple[str, ...]:
+    """The models to try, in order: the chosen arm's, then the others' (deterministic per request)."""
+    arms = action.arms
+    if len(arms) == 1:
+        return arms[0].models
+    bucket = zlib.crc32(f"{rule_name}\x00{request_id}".encode()) % action.total_weight
+    chosen = 0
+    for index, arm in enumerate(arms):
+        if bucket < arm.weight:
+            chosen = index
+            break
+        bucket -= arm.weight
+    ordered = [*arms[chosen].models]
+    for index, arm in enumerate(arms):
+        if index != chosen:
+            ordered += [m for m in arm.models if m not in ordered]
+    return tuple(ordered)
+
+
+def _where(rule: Rule) -> str:
+    return f"rule {rule.name!r} (line {rule.line})" if rule.line else f"rule {rule.name!r}"

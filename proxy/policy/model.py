@@ -1,0 +1,228 @@
+"""The routing policy as frozen data: rules of conditions and an action, and the decision.
+
+``loader`` builds these from YAML (with the line of every rule); ``engine`` evaluates them.
+A condition's ``test`` is pure and cheap; it answers ``None`` only when it needs the exact
+prompt token count and the cheap upper bound in :class:`Features` cannot decide, so the
+caller counts (off the event loop) and evaluates again. Each condition also carries a
+canonical ``text``: the loader compares those to find a rule shadowed by an earlier one,
+and ``explain`` prints them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+_UTC = ZoneInfo("UTC")
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What routing may look at in one request; extracted cheaply by ``features.extract``."""
+
+    model: str
+    request_id: str = ""
+    key_id: str | None = None
+    team: str | None = None
+    app: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # only those the policy names, lower-case
+    last_user: str = ""
+    last_user_lower: str = ""  # for keywords: lowered once, so each keyword is a plain substring search
+    tools: bool = False
+    images: bool = False
+    json_mode: str | None = None  # "json_object" | "json_schema" | None
+    prompt_bound: int = 0  # an upper bound on the prompt's tokens (its UTF-8 bytes plus framing)
+    prompt_tokens: int | None = None  # the exact count, when someone paid for it
+    now: float = 0.0  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One ``match`` entry; every condition of a rule must hold."""
+
+    key: str  # the YAML key, for messages
+    text: str  # canonical, e.g. "team in [a, b]": equal texts mean equal conditions
+
+    def test(self, f: Features) -> bool | None:
+        raise NotImplementedError
+
+    def seen(self, f: Features) -> str:
+        """What the request had, for ``explain``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class OneOf(Condition):
+    values: frozenset[str] = frozenset()
+    get: Callable[[Features], str | None] = lambda f: None
+
+    def test(self, f: Features) -> bool:
+        return self.get(f) in self.values
+
+    def seen(self, f: Features) -> str:
+        return f"{self.key} is {self.get(f) or '(none)'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pairs(Condition):
+    """Tags or headers: each name must have one of its values (an empty set: any value)."""
+
+    pairs: tuple[tuple[str, frozenset[str]], ...] = ()
+    get: Callable[[Features], Mapping[str, str]] = lambda f: {}
+
+    def test(self, f: Features) -> bool:
+        source = self.get(f)
+        for name, values in self.pairs:
+            value = source.get(name)
+            if value is None or (values and value not in values):
+                return False
+        return True
+
+    def seen(self, f: Features) -> str:
+        source = self.get(f)
+        shown = ", ".join(f"{name}={source.get(name, '(absent)')}" for name, _ in self.pairs)
+        return f"{self.key}: {shown}"
+
+
+@dataclass(frozen=True, slots=True)
+class Flag(Condition):
+    want: bool = True
+    get: Callable[[Features], bool] = lambda f: False
+
+    def test(self, f: Features) -> bool:
+        return self.get(f) is self.want
+
+    def seen(self, f: Features) -> str:
+        return f"the request has {'' if self.get(f) else 'no '}{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRange(Condition):
+    low: int | None = None
+    high: int | None = None
+
+    def test(self, f: Features) -> bool | None:
+        tokens = f.prompt_tokens
+        if tokens is None:
+            # prompt_bound >= the true count: enough to decide "at most high" or "below low".
+            if self.low is not None and f.prompt_bound < self.low:
+                return False
+            if self.low is None and self.high is not None and f.prompt_bound <= self.high:
+                return True
+            return None
+        return (self.low is None or tokens >= self.low) and (self.high is None or tokens <= self.high)
+
+    def seen(self, f: Features) -> str:
+        if f.prompt_tokens is None:
+            return f"the prompt has at most {f.prompt_bound} tokens"
+        return f"the prompt has {f.prompt_tokens} tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class Keywords(Condition):
+    """Any of the words (lower-case) in the last user message, ignoring case."""
+
+    words: tuple[str, ...] = ()
+
+    def test(self, f: Features) -> bool:
+        text = f.last_user_lower
+        return any(word in text for word in self.words)
+
+    def seen(self, f: Features) -> str:
+        return _quoted(f)
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern(Condition):
+    """Regexes (any of them), searched in the last user message."""
+
+    patterns: tuple[re.Pattern[str], ...] = ()
+
+    def test(self, f: Features) -> bool:
+        text = f.last_user
+        return any(p.search(text) is not None for p in self.patterns)
+
+    def seen(self, f: Features) -> str:
+        return _quoted(f)
+
+
+def _quoted(f: Features) -> str:
+    text = f.last_user if len(f.last_user) <= 60 else f.last_user[:57] + "..."
+    return f"the last user message is {text!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow(Condition):
+    days: frozenset[int] = frozenset(range(7))  # Monday is 0
+    start: int = 0  # minutes after midnight, inclusive
+    end: int = 1440  # exclusive; below start: the window spans midnight
+    zone: ZoneInfo = _UTC
+
+    def _local(self, f: Features) -> datetime:
+        return datetime.fromtimestamp(f.now, self.zone)
+
+    def test(self, f: Features) -> bool:
+        local = self._local(f)
+        minute = local.hour * 60 + local.minute
+        in_hours = self.start <= minute < self.end if self.start <= self.end else (minute >= self.start or minute < self.end)
+        return in_hours and local.weekday() in self.days
+
+    def seen(self, f: Features) -> str:
+        return f"it is {self._local(f).strftime('%a %H:%M')} {self.zone.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """One way out of a rule: models tried in order (an alias expands to several)."""
+
+    weight: int
+    models: tuple[str, ...]
+    label: str  # as written: a model, an alias, or "a, b" for a fallback list
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    arms: tuple[Arm, ...]  # one for target: ...; several for split: ...
+    max_tokens: int | None = None
+    inactive: str | None = None  # why no arm has a configured model (aliases that resolve to none)
+
+    @property
+    def total_weight(self) -> int:
+        return sum(arm.weight for arm in self.arms)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    line: int | None
+    conditions: tuple[Condition, ...]
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    rules: tuple[Rule, ...]
+    version: str  # a label from the file, if any, and a hash of its text
+    source: str
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # as resolved: configured models only
+    header_names: frozenset[str] = frozenset()  # headers some rule looks at (lower-case)
+
+    def rule_named(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request goes. ``rule`` None: no rule applied, it goes to the model it names."""
+
+    rule: str | None
+    model: str | None
+    policy_version: str
+    fallbacks: tuple[str, ...] = ()  # recorded for the upstream stage; not yet tried
+    max_tokens: int | None = None
+    needs_tokens: bool = False  # count the prompt's tokens and evaluate again
+    notes: tuple[str, ...] = ()  # why rules did not apply (all of them when explaining)

@@ -1,0 +1,113 @@
+"""Routing end to end: a real gateway with a policy, the official OpenAI SDK, a fake upstream
+that records which model it was asked for, and the SQLite ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import openai
+import pytest
+
+from proxy.config import ModelConfig, Settings
+from proxy.errors import ConfigError
+from proxy.pipeline.route import load_router
+from proxy.policy.loader import load_policy
+from tests.conftest import MASTER_KEY, UPSTREAM_KEY, settings_for
+from tests.fake_upstream import FakeUpstream
+from tests.pipeline.test_ledger_e2e import record_of
+from tests.servers import ThreadServer
+
+POLICY = """\
+version: e2e
+aliases:
+  cheap: [tiny, gpt-4o-mini]
+rules:
+  - name: vip
+    match: {headers: {x-customer-tier: gold}}
+    action: {target: gpt-4o}
+  - name: simple
+    match: {model: auto}
+    action: {target: cheap, max_tokens: 64}
+"""
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.fixture
+def routed(upstream: tuple[FakeUpstream, ThreadServer], tmp_path: Path) -> Settings:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY, encoding="utf-8")
+    base = settings_for(upstream[1].url, tmp_path)
+    tiny = ModelConfig("tiny", "openai-compatible", f"{upstream[1].url}/v1", UPSTREAM_KEY, timeouts=base.models[0].timeouts)
+    return replace(base, models=(*base.models, tiny), policies=str(policy))
+
+
+@pytest.fixture
+def sdk(start_gateway: Callable[[Settings], ThreadServer], routed: Settings) -> Iterator[openai.OpenAI]:
+    gateway = start_gateway(routed)
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=30) as client:
+        yield client
+
+
+def ledger_of(settings: Settings) -> Path:
+    return Path(settings.ledger.url.removeprefix("sqlite:///"))
+
+
+def test_an_auto_request_goes_to_the_cheap_model_named_by_the_rule(
+    sdk: openai.OpenAI, fake: FakeUpstream, routed: Settings
+) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": "hello"}])
+    reply = raw.parse()
+    assert reply.choices[0].message.content == "echo: hello"
+    assert raw.headers["x-thrifty-route"] == "simple" and raw.headers["x-thrifty-model"] == "tiny"
+    sent = fake.requests[-1].payload
+    assert sent["model"] == "tiny" and sent["max_tokens"] == 64
+    record = record_of(ledger_of(routed), raw.headers["x-request-id"])
+    version = load_policy(routed.policies or "", routed.models).version
+    assert version.startswith("e2e-")
+    assert (record["route"], record["policy_version"]) == ("simple", version)
+    assert (record["requested_model"], record["served_model"]) == ("auto", "tiny")
+
+
+def test_a_tools_request_is_routed_away_from_a_model_without_tools(
+    sdk: openai.OpenAI, fake: FakeUpstream, routed: Settings
+) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "weather in Paris?"}], tools=TOOLS, max_tokens=10
+    )
+    reply = raw.parse()
+    assert reply.choices[0].message.tool_calls and reply.choices[0].message.tool_calls[0].function.name == "weather"
+    assert raw.headers["x-thrifty-route"] == "simple" and raw.headers["x-thrifty-model"] == "gpt-4o-mini"
+    sent = fake.requests[-1].payload
+    assert sent["model"] == "gpt-4o-mini" and sent["max_tokens"] == 10  # below the cap: the client's own
+    record = record_of(ledger_of(routed), raw.headers["x-request-id"])
+    assert (record["route"], record["served_model"]) == ("simple", "gpt-4o-mini")
+
+
+def test_a_streamed_request_is_routed_and_a_header_rule_applies(sdk: openai.OpenAI, fake: FakeUpstream) -> None:
+    with sdk.chat.completions.with_streaming_response.create(
+        model="auto", messages=[{"role": "user", "content": "one two"}], stream=True, extra_headers={"x-customer-tier": "gold"}
+    ) as response:
+        assert response.headers["x-thrifty-route"] == "vip"
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
+    assert text == "echo: one two"
+    assert fake.requests[-1].payload["model"] == "gpt-4o"
+
+
+def test_a_request_naming_a_model_is_left_alone(sdk: openai.OpenAI, fake: FakeUpstream, routed: Settings) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert "x-thrifty-route" not in raw.headers and raw.headers["x-thrifty-model"] == "gpt-4o"
+    assert fake.requests[-1].payload == {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    record = record_of(ledger_of(routed), raw.headers["x-request-id"])
+    assert record["route"] is None and record["policy_version"].startswith("e2e-")
+    embedding = sdk.embeddings.create(model="text-embedding-3-small", input="not routed")
+    assert embedding.data and fake.requests[-1].payload["model"] == "text-embedding-3-small"
+
+
+async def test_an_invalid_policy_stops_the_start(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - name: a\n    action: {target: gpt-9}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3: rules\[0\].action.target: unknown model 'gpt-9'"):
+        await load_router(str(bad), ())
+    assert await load_router(None, ()) is None
