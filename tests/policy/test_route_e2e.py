@@ -111,3 +111,22 @@ async def test_an_invalid_policy_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"bad.yaml:3: rules\[0\].action.target: unknown model 'gpt-9'"):
         await load_router(str(bad), ())
     assert await load_router(None, ()) is None
+
+
+async def test_a_request_no_target_can_serve_is_refused_with_the_reasons(tmp_path: Path) -> None:
+    from proxy.api.wire import parse_chat
+    from proxy.errors import UnsupportedRequest
+    from proxy.pipeline.exchange import Exchange
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text("rules:\n  - {name: local, match: {model: auto}, action: {target: tiny}}\n", encoding="utf-8")
+    router = await load_router(str(policy), (ModelConfig("tiny", "openai-compatible", "http://127.0.0.1:9/v1"),))
+    assert router is not None
+    body = b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}'
+    exchange = Exchange("req-1", "chat/completions")
+    with pytest.raises(UnsupportedRequest, match=r"rule 'local' \(line 2\): skipped tiny: no tool calling"):
+        await router.route(exchange, parse_chat(body), {})
+    assert exchange.route is None and exchange.policy_version == router.policy.version
+    plain = parse_chat(b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}')
+    routed = await router.route(exchange, plain, {})
+    assert (routed.model, exchange.route) == ("tiny", "local")
