@@ -74,6 +74,10 @@ class Ledger:
         usage = exchange.usage = self.usage(exchange)
         served = self.price_of(exchange.target.name) if exchange.target else Price.free("none")
         requested = self.price_of(exchange.requested_model) if exchange.requested_model else served
+        if requested.source == "unknown":
+            # An alias such as "auto" names no priced model: no baseline to claim routing savings
+            # against, so the served model is its own baseline (savings 0, never a made-up figure).
+            requested = served
         before = exchange.prompt_tokens_before if exchange.prompt_tokens_before is not None else usage.prompt_tokens
         exchange.charge = charge(
             requested=requested,
