@@ -54,7 +54,7 @@ class StreamTap:
         if _USAGE.search(event) is None:
             self._events.append(event)
             return event
-        payload = _payload(event)
+        payload = event_data(event)
         if payload is None:
             return event
         self.usage = payload.get("usage")
@@ -76,7 +76,7 @@ class StreamTap:
         """The content relayed so far (text and tool-call arguments), for counting tokens."""
         parts: list[str] = []
         for event in self._events:
-            payload = _payload(event)
+            payload = event_data(event)
             for choice in (payload or {}).get("choices") or ():
                 if isinstance(choice, dict):
                     parts.extend(generated_texts(choice.get("delta")))
@@ -95,7 +95,8 @@ def generated_texts(message: Any) -> list[str]:
     return parts
 
 
-def _payload(event: bytes) -> dict[str, Any] | None:
+def event_data(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of an SSE event's ``data:`` line, or None."""
     for line in event.split(b"\n"):
         if line.startswith(b"data:"):
             try:

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from proxy.api.sse import event_data
 from proxy.cost.pricing import Usage, usage_from_openai
 
 VERSION = 1
@@ -141,7 +142,7 @@ def assemble(events: Iterable[bytes], usage: dict[str, Any] | None) -> dict[str,
     head: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
     for event in events:
-        chunk = _data(event)
+        chunk = event_data(event)
         if chunk is None:
             continue
         if not head:
@@ -190,14 +191,3 @@ def _choice(index: int, state: dict[str, Any]) -> dict[str, Any]:
         if not message["content"]:
             message["content"] = None  # as a non-streamed tool-call answer has it
     return {"index": index, "message": message, "logprobs": state.get("logprobs"), "finish_reason": state.get("finish_reason")}
-
-
-def _data(event: bytes) -> dict[str, Any] | None:
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                value = orjson.loads(line[5:])
-            except orjson.JSONDecodeError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
