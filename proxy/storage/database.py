@@ -68,17 +68,16 @@ def sqlite_path(url: str) -> str:
     return path
 
 
-class SQLiteDatabase:
-    dialect = "sqlite"
+class _Lane:
+    """One SQLite connection on its own thread: statements on it run one at a time, in order."""
 
     def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor):
-        self._conn = conn
-        self._executor = executor
-        self._closed = False
+        self.conn = conn
+        self.executor = executor
 
     @classmethod
-    async def open(cls, path: str) -> SQLiteDatabase:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thrifty-sqlite")
+    async def open(cls, path: str, name: str) -> _Lane:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"thrifty-sqlite-{name}")
 
         def connect() -> sqlite3.Connection:
             if path != ":memory:":
@@ -89,44 +88,75 @@ class SQLiteDatabase:
             conn.execute("PRAGMA busy_timeout=30000")
             return conn
 
-        loop = asyncio.get_running_loop()
         try:
-            conn = await loop.run_in_executor(executor, connect)
+            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
         except sqlite3.Error as exc:
             executor.shutdown(wait=False)
             raise ConfigError(f"ledger.url: cannot open SQLite database {path!r}: {exc}") from None
         return cls(conn, executor)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def close(self) -> None:
+        await self.run(self.conn.close)
+        self.executor.shutdown(wait=True)
+
+
+class SQLiteDatabase:
+    """Writes on one connection and thread, reads on another (WAL lets them overlap), so a
+    key lookup or a large report never waits behind a ledger batch, nor a batch behind them.
+    An in-memory database has one connection for both (two would be two databases)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, writer: _Lane, reader: _Lane):
+        self._writer = writer
+        self._reader = reader
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str) -> SQLiteDatabase:
+        writer = await _Lane.open(path, "write")
+        if path == ":memory:":
+            return cls(writer, writer)
+        try:
+            reader = await _Lane.open(path, "read")
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader)
 
     async def execute(self, sql: str, *args: Any) -> None:
-        await self._run(self._conn.execute, sql, args)
+        await self._writer.run(self._writer.conn.execute, sql, args)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self._run(self._executemany, sql, list(rows))
+        await self._writer.run(self._executemany, sql, list(rows))
 
     def _executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
         # One transaction for the batch. The connection is in autocommit mode
         # (isolation_level=None), where ``with conn:`` begins nothing: BEGIN it here.
-        self._conn.execute("BEGIN")
+        conn = self._writer.conn
+        conn.execute("BEGIN")
         try:
-            self._conn.executemany(sql, rows)
+            conn.executemany(sql, rows)
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
+        conn.execute("COMMIT")
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        result: list[Row] = await self._run(lambda: self._conn.execute(sql, args).fetchall())
+        conn = self._reader.conn
+        result: list[Row] = await self._reader.run(lambda: conn.execute(sql, args).fetchall())
         return result
 
     async def close(self) -> None:
         if self._closed:  # idempotent, as asyncpg's pool is
             return
         self._closed = True
-        await self._run(self._conn.close)
-        self._executor.shutdown(wait=True)
+        if self._reader is not self._writer:
+            await self._reader.close()
+        await self._writer.close()
 
 
 _PLACEHOLDER = re.compile(r"\?")

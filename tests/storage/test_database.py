@@ -207,3 +207,35 @@ async def test_the_redis_service_answers(redis_url: str) -> None:
         assert info.get("redis_version")
     finally:
         await client.aclose()
+
+
+async def test_sqlite_reads_do_not_wait_behind_a_write(tmp_path: Path) -> None:
+    """Reads (key lookups, reports) have their own connection: an open write transaction,
+    as a ledger batch holds, neither blocks them nor shows them uncommitted rows."""
+    db = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+        await db.execute(
+            "INSERT INTO api_keys (id, key_hash, prefix, team, role, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "key_1",
+            "h",
+            "sk-thr-x",
+            "t",
+            "user",
+            0.0,
+        )
+        assert await asyncio.wait_for(db.fetch("SELECT COUNT(*) FROM api_keys"), 5) == [(0,)]
+        await db.execute("COMMIT")
+        assert await db.fetch("SELECT COUNT(*) FROM api_keys") == [(1,)]
+    finally:
+        await db.close()
+
+
+async def test_an_in_memory_sqlite_database_is_one_database(tmp_path: Path) -> None:
+    db = await open_database("sqlite:///:memory:")
+    try:
+        await db.execute("CREATE TABLE t (x INTEGER)")
+        await db.executemany("INSERT INTO t VALUES (?)", [(1,), (2,)])
+        assert await db.fetch("SELECT SUM(x) FROM t") == [(3,)]
+    finally:
+        await db.close()
