@@ -11,6 +11,7 @@ and ``explain`` prints them.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,18 +42,18 @@ class Features:
 
 
 @dataclass(frozen=True, slots=True)
-class Condition:
+class Condition(ABC):
     """One ``match`` entry; every condition of a rule must hold."""
 
     key: str  # the YAML key, for messages
     text: str  # canonical, e.g. "team in [a, b]": equal texts mean equal conditions
 
-    def test(self, f: Features) -> bool | None:
-        raise NotImplementedError
+    @abstractmethod
+    def test(self, f: Features) -> bool | None: ...
 
+    @abstractmethod
     def seen(self, f: Features) -> str:
         """What the request had, for ``explain``."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True, slots=True)
