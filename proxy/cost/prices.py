@@ -63,15 +63,55 @@ def load_litellm_prices(path: Path | None = None) -> Mapping[str, Price]:
 @functools.cache
 def _read_price_file(path: Path) -> Mapping[str, Price]:
     """Parsed once per process (a read-only view): the file changes only with litellm."""
-    raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     table = {}
-    for name, entry in raw.items():
-        if not isinstance(entry, dict) or "input_cost_per_token" not in entry:
-            continue
-        price = _from_litellm(entry)
+    for name, entry in litellm_models(path).items():
+        price = _from_litellm(entry) if "input_cost_per_token" in entry else None
         if price is not None:
             table[name] = price
     return MappingProxyType(table)
+
+
+# The fields of litellm's map that thrifty reads (prices, output caps, capabilities).
+_KEPT = (
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "max_output_tokens",
+    "max_tokens",
+    "max_input_tokens",
+    "supports_function_calling",
+    "supports_vision",
+    "supports_response_schema",
+)
+
+
+@functools.cache
+def litellm_models(path: Path | None = None) -> Mapping[str, Mapping[str, Any]]:
+    """litellm's model map, parsed once per process, each entry cut to the fields thrifty reads
+    (the whole map is tens of MB as Python objects; this is a few)."""
+    path = path or litellm_price_file()
+    if path is None:
+        return {}
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        return {}
+    return MappingProxyType(
+        {name: {k: entry[k] for k in _KEPT if k in entry} for name, entry in raw.items() if isinstance(entry, dict)}
+    )
+
+
+def model_names(model: ModelConfig) -> tuple[str, ...]:
+    """The names a configured model may have in litellm's map, best first."""
+    return (model.target_model, model.name, f"{model.provider}/{model.target_model}")
+
+
+def entry_for(table: Mapping[str, Any], model: ModelConfig) -> Any:
+    """The first entry of ``table`` under one of the model's names, or None."""
+    for name in model_names(model):
+        found = table.get(name)
+        if found is not None:
+            return found
+    return None
 
 
 def _per_million(value: Any) -> Decimal | None:
@@ -84,7 +124,7 @@ def _per_million(value: Any) -> Decimal | None:
         return None
 
 
-def _from_litellm(entry: dict[str, Any]) -> Price | None:
+def _from_litellm(entry: Mapping[str, Any]) -> Price | None:
     inp = _per_million(entry.get("input_cost_per_token"))
     if inp is None:
         return None
@@ -107,10 +147,9 @@ class PriceTable:
             return override
         if model.is_local:
             return Price.free("local")
-        for candidate in (model.target_model, model.name, f"{model.provider}/{model.target_model}"):
-            found = self._litellm.get(candidate)
-            if found is not None:
-                return found
+        found: Price | None = entry_for(self._litellm, model)
+        if found is not None:
+            return found
         if model.name not in self._warned:
             self._warned.add(model.name)
             log.warning("no price known for model %s; it is recorded at 0 (add it under prices: in the config)", model.name)

@@ -15,7 +15,6 @@ cut off by a content filter, an error, or a stream that broke off. Entries over
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -31,6 +30,7 @@ from proxy.cache.store import CacheStore, FailOpenStore, MemoryStore, RedisStore
 from proxy.config import CacheConfig
 from proxy.cost.pricing import Usage
 from proxy.pipeline.exchange import Exchange
+from proxy.tasks import TaskSet
 
 log = logging.getLogger("thrifty.cache")
 
@@ -52,7 +52,7 @@ class ResponseCache:
         self.store = store
         self.config = config
         self._clock = clock
-        self._writing: set[asyncio.Task[None]] = set()
+        self._writing = TaskSet("cache-store")
 
     def plan(self, exchange: Exchange, cache_control: str | None) -> Plan | None:
         """None when the request is not cacheable (``exchange.cache`` becomes "bypass")."""
@@ -103,13 +103,10 @@ class ResponseCache:
         if len(self._writing) >= MAX_PENDING_WRITES:  # the store is slower than traffic: skip, never queue
             storing.close()
             return
-        task = asyncio.get_running_loop().create_task(storing, name="cache-store")
-        self._writing.add(task)
-        task.add_done_callback(self._writing.discard)
+        self._writing.spawn(storing)
 
     async def drain(self) -> None:
-        while self._writing:
-            await asyncio.gather(*self._writing, return_exceptions=True)
+        await self._writing.drain()
 
     async def close(self) -> None:
         await self.drain()

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,12 +30,13 @@ import orjson
 
 from proxy.config import NANO_PER_USD, BudgetLimit, BudgetsConfig, ModelConfig
 from proxy.cost.budgets import EXPIRE_GRACE, BudgetStore, Counter, Reservation, counter_key, open_store
-from proxy.cost.prices import Price, litellm_price_file
+from proxy.cost.prices import Price, entry_for, litellm_models
 from proxy.cost.pricing import cost_nusd
 from proxy.cost.tokens import TokenCounter
 from proxy.errors import BudgetExceeded
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.exchange import Exchange
+from proxy.tasks import TaskSet
 
 log = logging.getLogger("thrifty.budgets")
 
@@ -194,7 +195,7 @@ class Guard:
         self._counter = counter
         self._caps = output_caps or {}
         self._clock = clock
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling = TaskSet("budget-settle")
         self._logged: set[str] = set()
 
     @property
@@ -244,16 +245,11 @@ class Guard:
     def settle(self, ticket: Ticket, exchange: Exchange) -> None:
         """Release the hold and add the actual cost, in the background (never raises)."""
         charge = exchange.charge
-        self._track(self._settle(ticket, max(charge.cost + charge.overhead, 0) if charge is not None else 0))
+        self._settling.spawn(self._settle(ticket, max(charge.cost + charge.overhead, 0) if charge is not None else 0))
 
     def _release(self, reserving: asyncio.Future[Reservation], ticket: Ticket) -> None:
         if not reserving.cancelled() and reserving.exception() is None and reserving.result().granted:
-            self._track(self._settle(ticket, 0))
-
-    def _track(self, settling: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(settling, name="budget-settle")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+            self._settling.spawn(self._settle(ticket, 0))
 
     async def _settle(self, ticket: Ticket, actual: int) -> None:
         try:
@@ -271,8 +267,7 @@ class Guard:
 
     async def drain(self) -> None:
         """Wait for the settles still running."""
-        while self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+        await self._settling.drain()
 
     async def close(self) -> None:
         await self.drain()
@@ -283,18 +278,15 @@ def output_caps(models: Iterable[ModelConfig], raw: Mapping[str, Any]) -> dict[s
     """Each model's maximum output tokens from litellm's map, where it is known."""
     caps = {}
     for model in models:
-        for candidate in (model.target_model, model.name, f"{model.provider}/{model.target_model}"):
-            entry = raw.get(candidate)
-            cap = entry.get("max_output_tokens") or entry.get("max_tokens") if isinstance(entry, dict) else None
-            if isinstance(cap, int) and cap > 0:
-                caps[model.name] = cap
-                break
+        entry = entry_for(raw, model)
+        cap = entry.get("max_output_tokens") or entry.get("max_tokens") if isinstance(entry, dict) else None
+        if isinstance(cap, int) and cap > 0:
+            caps[model.name] = cap
     return caps
 
 
 def _read_output_caps(models: list[ModelConfig]) -> dict[str, int]:
-    path = litellm_price_file()
-    return output_caps(models, orjson.loads(path.read_bytes())) if path is not None else {}
+    return output_caps(models, litellm_models())
 
 
 async def open_guard(config: BudgetsConfig, models: Iterable[ModelConfig]) -> Guard | None:

@@ -27,6 +27,7 @@ from proxy.cost.record import LedgerRecord
 from proxy.cost.tokens import TokenCounter, estimate_tokens
 from proxy.cost.writer import LedgerWriter
 from proxy.pipeline.exchange import Exchange
+from proxy.tasks import TaskSet
 
 log = logging.getLogger("thrifty.ledger")
 
@@ -37,7 +38,7 @@ class Ledger:
         self.writer = writer
         self._prices = prices
         self._by_model: dict[str, Price] = {name: prices.for_model(m) for name, m in models.items()}
-        self._counting: set[asyncio.Task[None]] = set()
+        self._counting = TaskSet("ledger-count")
 
     def price_of(self, model: str) -> Price:
         found = self._by_model.get(model) or self._prices.for_name(model)
@@ -95,9 +96,7 @@ class Ledger:
         exchange.recorded = True
         exchange.finished = time.perf_counter()
         if exchange.charge is None and exchange.usage is None and _billable(exchange):
-            task = asyncio.get_running_loop().create_task(self._count_then_record(exchange, then), name="ledger-count")
-            self._counting.add(task)
-            task.add_done_callback(self._counting.discard)
+            self._counting.spawn(self._count_then_record(exchange, then))
             return
         self._submit(exchange, then)
 
@@ -118,8 +117,7 @@ class Ledger:
 
     async def close(self) -> None:
         """Finish the counts in flight, then flush the writer (shutdown)."""
-        if self._counting:
-            await asyncio.gather(*self._counting, return_exceptions=True)
+        await self._counting.drain()
         await self.writer.close()
 
     def _record(self, exchange: Exchange) -> LedgerRecord:

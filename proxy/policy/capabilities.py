@@ -11,14 +11,12 @@ no known context window (the prompt is not checked against one).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from proxy.config import ModelConfig
-from proxy.cost.prices import litellm_price_file
+from proxy.cost.prices import entry_for, litellm_models
 from proxy.policy.model import Features
 
 
@@ -53,16 +51,11 @@ def unfit(cap: Capabilities, f: Features) -> str | None:
 
 def capabilities_for(models: Iterable[ModelConfig], price_map: Mapping[str, Any] | None = None) -> dict[str, Capabilities]:
     """Capabilities of each model by its client-facing name (litellm's map, then config overrides)."""
-    # Read once at start-up and dropped after: the whole map is tens of MB as Python objects.
-    raw = price_map if price_map is not None else _price_map(litellm_price_file())
+    raw = price_map if price_map is not None else litellm_models()
     out = {}
     for model in models:
-        entry: Mapping[str, Any] = {}
-        for candidate in (model.target_model, model.name, f"{model.provider}/{model.target_model}"):
-            found = raw.get(candidate)
-            if isinstance(found, dict):
-                entry = found
-                break
+        found = entry_for(raw, model)
+        entry: Mapping[str, Any] = found if isinstance(found, dict) else {}
         window = entry.get("max_input_tokens")
         base = Capabilities(
             tools=entry.get("supports_function_calling") is True,
@@ -82,10 +75,3 @@ def _override(base: Capabilities, model: ModelConfig) -> Capabilities:
         json_schema=base.json_schema if given.json_schema is None else given.json_schema,
         context_window=base.context_window if given.context_window is None else given.context_window,
     )
-
-
-def _price_map(path: Path | None) -> Mapping[str, Any]:
-    if path is None:
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
