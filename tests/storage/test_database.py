@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 from subprocess import PIPE
 
@@ -22,21 +21,6 @@ from proxy.storage.database import Database, PostgresDatabase, open_database, sq
 from tests.services import free_port
 
 LATEST = migrations.MIGRATIONS[-1][0]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = await open_database(db_url)
-    yield database
-    await database.close()
 
 
 async def versions(db: Database) -> list[int]:
