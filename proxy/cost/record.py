@@ -52,6 +52,15 @@ class LedgerRecord:
     ttft_ms: float | None
     status: int
     error_code: str | None
+    # v3: routing features (no text) for `policy simulate`, and what the pipeline did
+    has_tools: bool | None = None
+    has_images: bool | None = None
+    json_mode: str | None = None
+    task_class: str | None = None
+    attempts: int = 0
+    cascade: str | None = None
+    similarity: float | None = None
+    prune: str | None = None
 
     def row(self) -> tuple[Any, ...]:
         return _ROW(self)

@@ -15,6 +15,7 @@ from typing import Any
 from proxy.config import ModelConfig
 from proxy.cost.pricing import Charge, Usage
 from proxy.pipeline.auth import Principal
+from proxy.policy.model import Decision, Features
 
 
 @dataclass(slots=True)
@@ -43,6 +44,13 @@ class Exchange:
     error_code: str | None = None
     charge: Charge | None = None
     recorded: bool = False
+    features: Features | None = None  # what routing saw; recorded (no text) for `policy simulate`
+    decision: Decision | None = None  # the routing decision: fallbacks, cascade, cache and prune settings
+    attempts: int = 0  # upstream calls made (retries, fallbacks and cascade steps included)
+    cascade: str | None = None  # "accepted" | "escalated: <check>" when a cascade ran
+    similarity: float | None = None  # a semantic cache hit's cosine similarity
+    prune: str | None = None  # the pruning strategies applied, comma-separated
+    overhead_nusd: int = 0  # what thrifty itself spent on this request (embedding, summarizing)
 
     def ms_since_start(self, at: float | None) -> float | None:
         return None if at is None else round((at - self.started) * 1000, 3)

@@ -86,6 +86,7 @@ class Ledger:
             usage=usage,
             prompt_tokens_before=before,
             cache_hit=exchange.cache in ("exact", "semantic"),
+            overhead=exchange.overhead_nusd,
         )
         return exchange.charge
 
@@ -129,6 +130,7 @@ class Ledger:
         principal = exchange.principal
         payload = exchange.payload or {}
         user = payload.get("user")
+        features = exchange.features
         return LedgerRecord(
             id=_record_id(),
             request_id=exchange.request_id,
@@ -169,6 +171,14 @@ class Ledger:
             ttft_ms=_span(exchange.upstream_started, exchange.first_byte),
             status=exchange.status,
             error_code=exchange.error_code,
+            has_tools=features.tools if features else None,
+            has_images=features.images if features else None,
+            json_mode=features.json_mode if features else None,
+            task_class=features.task_class if features else None,
+            attempts=exchange.attempts,
+            cascade=exchange.cascade,
+            similarity=exchange.similarity,
+            prune=exchange.prune,
         )
 
 

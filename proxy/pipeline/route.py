@@ -70,7 +70,9 @@ class Router:
         decision = evaluate(policy, features, self.capabilities)
         if decision.needs_tokens:
             tokens = await asyncio.to_thread(self.count, parsed.payload)
-            decision = evaluate(policy, with_tokens(features, tokens), self.capabilities)
+            features = with_tokens(features, tokens)
+            decision = evaluate(policy, features, self.capabilities)
+        exchange.features, exchange.decision = features, decision
         if decision.model is None:
             if decision.notes and parsed.model not in self._models:
                 why = "; ".join(decision.notes)

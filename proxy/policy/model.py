@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 _UTC = ZoneInfo("UTC")
@@ -39,6 +40,19 @@ class Features:
     prompt_bound: int = 0  # an upper bound on the prompt's tokens (its UTF-8 bytes plus framing)
     prompt_tokens: int | None = None  # the exact count, when someone paid for it
     now: float = 0.0  # epoch seconds
+    task_class: str | None = None  # from the cheap classifier, when some rule asks for it
+
+
+class BackendState(Protocol):
+    """What the upstream stage knows about each model's backend, read by health and latency
+    matchers and the "fastest" strategy. Implemented by ``proxy.providers.health``; reads are
+    plain attribute lookups (no I/O), so evaluation stays pure and cheap."""
+
+    def is_up(self, model: str) -> bool: ...
+
+    def latency_ms(self, model: str) -> float | None:
+        """Recent time to first byte (an average), None when nothing was measured yet."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,10 +200,45 @@ class Arm:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteCache:
+    """A rule's cache settings (``action.cache``); a None field: the gateway's ``cache:`` setting."""
+
+    mode: str | None = None  # "off" | "exact" | "semantic" (semantic looks up exact first)
+    ttl_seconds: float | None = None
+    threshold: float | None = None  # semantic: the least cosine similarity that counts as a hit
+    scope: str | None = None  # "team" | "key": whose requests may share answers
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePrune:
+    """A rule's context pruning (``action.prune``): the input token budget and how to meet it."""
+
+    max_input_tokens: int | None = None  # absolute budget
+    context_share: float | None = None  # or a share (0..1] of the target model's context window
+    keep_last: int = 6  # messages kept verbatim at the end
+    summarize: bool = True  # replace dropped turns with a summary by a local model
+    summarizer: str | None = None  # the model that summarizes; None: the first local model
+    allow_opt_out: bool = True  # whether ``x-thrifty-prune: off`` is honoured
+
+
+@dataclass(frozen=True, slots=True)
+class Cascade:
+    """Try the decision's model first; escalate to the next when its answer fails a check."""
+
+    checks: tuple[str, ...] = ("empty", "refusal", "json", "short")  # see ``proxy.pipeline.cascade``
+    min_chars: int = 1  # "short": fewer characters than this fails
+    min_logprob: float | None = None  # "confidence": a mean token logprob below this fails
+
+
+@dataclass(frozen=True, slots=True)
 class Action:
     arms: tuple[Arm, ...]  # one for target: ...; several for split: ...
     max_tokens: int | None = None
     inactive: str | None = None  # why no arm has a configured model (aliases that resolve to none)
+    strategy: str = "ordered"  # "ordered" | "cheapest" (capable, by price) | "fastest" (by observed latency)
+    cascade: Cascade | None = None
+    cache: RouteCache | None = None
+    prune: RoutePrune | None = None
 
     @property
     def total_weight(self) -> int:
@@ -227,3 +276,6 @@ class Decision:
     max_tokens: int | None = None
     needs_tokens: bool = False  # count the prompt's tokens and evaluate again
     notes: tuple[str, ...] = ()  # why rules did not apply (all of them when explaining)
+    cascade: Cascade | None = None  # escalate from model to fallbacks[0] when the answer fails a check
+    cache: RouteCache | None = None
+    prune: RoutePrune | None = None

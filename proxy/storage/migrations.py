@@ -76,6 +76,19 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX IF NOT EXISTS ledger_team_ts ON ledger (team, ts)",
         ),
     ),
+    (
+        3,
+        (
+            "ALTER TABLE ledger ADD COLUMN has_tools BOOLEAN",
+            "ALTER TABLE ledger ADD COLUMN has_images BOOLEAN",
+            "ALTER TABLE ledger ADD COLUMN json_mode TEXT",
+            "ALTER TABLE ledger ADD COLUMN task_class TEXT",
+            "ALTER TABLE ledger ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE ledger ADD COLUMN cascade TEXT",
+            "ALTER TABLE ledger ADD COLUMN similarity {real}",
+            "ALTER TABLE ledger ADD COLUMN prune TEXT",
+        ),
+    ),
 )
 
 _DIALECT = {
