@@ -32,6 +32,7 @@ from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.route import load_router
 from proxy.providers.base import Provider
+from proxy.providers.health import Health
 from proxy.providers.openai_compat import OpenAICompatible
 from proxy.redact import Redactor
 from proxy.storage.database import Database, open_database
@@ -66,6 +67,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             redact = Redactor(m.api_key for m in models if m.api_key)
             for model in models:
                 providers[model.name] = _provider(model, session, redact)
+            health = Health(models, settings.upstream)
+            health.start(session)  # probes local backends in the background
+            stack.push_async_callback(health.close)
             router = await load_router(settings.policies, models)  # invalid: the start fails, nothing half-applied
             keys = KeyStore(db)
             ledger = await _ledger(settings, db, {m.name: m for m in models})
@@ -89,6 +93,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 guard=guard,
                 router=router,
                 cache=cache,
+                health=health,
             )
             app[GATEWAY] = gateway
             if not models:

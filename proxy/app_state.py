@@ -14,6 +14,7 @@ from proxy.pipeline.guard import Guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.route import Router
 from proxy.providers.base import Provider
+from proxy.providers.health import Health
 from proxy.redact import Redactor
 from proxy.storage.database import Database
 from proxy.storage.keys import KeyStore
@@ -35,6 +36,7 @@ class Gateway:
     guard: Guard | None = None  # None when no budgets are configured
     router: Router | None = None  # None when no routing policy is configured
     cache: ResponseCache | None = None  # None when the cache is turned off
+    health: Health = field(default_factory=lambda: Health(()))  # breakers and latency per model (BackendState)
 
     async def check_stores(self) -> list[str]:
         """What keeps the proxy from being ready; empty when every store answers."""

@@ -156,6 +156,20 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """Failover (``upstream:``): retries, circuit breakers, and health probes of local backends."""
+
+    retries: int = 1  # further tries of the same model on 429 / 5xx / connection errors
+    retry_budget: float = 0.2  # retries per request, on average: a dead upstream is not sent N times the load
+    backoff_base: float = 0.1  # seconds before the first retry (full jitter), doubling each time
+    backoff_max: float = 2.0
+    retry_after_max: float = 2.0  # a longer Retry-After: the next model instead of waiting
+    breaker_failures: int = 5  # consecutive failures that open a model's circuit
+    breaker_cooldown: float = 15.0  # seconds open before one probe request is let through
+    probe_interval: float = 5.0  # seconds between GET {base_url}/models of local backends; 0: off
+
+
+@dataclass(frozen=True)
 class Settings:
     models: tuple[ModelConfig, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -164,6 +178,7 @@ class Settings:
     prices: Mapping[str, PriceConfig] = field(default_factory=dict)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     source: str | None = None
     # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
     discover_local: bool = False
@@ -224,7 +239,7 @@ def zero_config(env: Mapping[str, str]) -> Settings:
     return Settings(models=tuple(models), auth=auth, discover_local=True)
 
 
-_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache"}
+_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache", "upstream"}
 
 
 def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
@@ -241,8 +256,42 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
     prices = _prices(doc, data.get("prices", {}))
     budgets = _budgets(doc, data.get("budgets", {}))
     cache = _cache(doc, data.get("cache", {}))
+    upstream = _upstream(doc, data.get("upstream", {}))
     return Settings(
-        models=models, auth=auth, ledger=ledger, server=server, prices=prices, budgets=budgets, cache=cache, source=doc.source
+        models=models,
+        auth=auth,
+        ledger=ledger,
+        server=server,
+        prices=prices,
+        budgets=budgets,
+        cache=cache,
+        upstream=upstream,
+        source=doc.source,
+    )
+
+
+def _upstream(doc: Document, data: Any) -> UpstreamConfig:
+    base = UpstreamConfig()
+    data = read_section(doc, ("upstream",), data, set(UpstreamConfig.__dataclass_fields__))
+
+    def number(key: str, *, zero: bool = False) -> float:
+        value = data.get(key, getattr(base, key))
+        if zero and value in (0, "0"):
+            return 0.0
+        return read_seconds(doc, ("upstream", key), value)
+
+    budget = data.get("retry_budget", base.retry_budget)
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0:
+        raise doc.error(("upstream", "retry_budget"), "must be a non-negative number (retries per request)")
+    return UpstreamConfig(
+        retries=read_int(doc, ("upstream", "retries"), data.get("retries", base.retries), 0, 10),
+        retry_budget=float(budget),
+        backoff_base=number("backoff_base"),
+        backoff_max=number("backoff_max"),
+        retry_after_max=number("retry_after_max", zero=True),
+        breaker_failures=read_int(doc, ("upstream", "breaker_failures"), data.get("breaker_failures", base.breaker_failures), 1),
+        breaker_cooldown=number("breaker_cooldown"),
+        probe_interval=number("probe_interval", zero=True),
     )
 
 
