@@ -14,6 +14,7 @@ import pytest
 from proxy.app import create_app
 from proxy.config import AuthConfig, LedgerConfig, ModelConfig, ServerConfig, Settings, Timeouts
 from tests.fake_upstream import FakeUpstream
+from tests.llama import llama_server  # noqa: F401  (the real llama.cpp server fixture)
 from tests.servers import ThreadServer
 
 MASTER_KEY = "sk-test-master-key-0123456789"
