@@ -62,7 +62,7 @@ def test_a_system_message_reaches_the_model(sdk: openai.OpenAI) -> None:
     # The chat template in tests/data/gemma-chat.json keeps it (llama.cpp's "gemma" format drops it).
     plain = sdk.chat.completions.create(model="gemma", messages=QUESTION, max_tokens=1)
     system = [{"role": "system", "content": "Answer in one word."}, *QUESTION]
-    with_system = sdk.chat.completions.create(model="gemma", messages=system, max_tokens=1)  # type: ignore[arg-type]
+    with_system = sdk.chat.completions.create(model="gemma", messages=system, max_tokens=1)
     assert plain.usage is not None and with_system.usage is not None
     assert with_system.usage.prompt_tokens >= plain.usage.prompt_tokens + 4
 
@@ -99,6 +99,6 @@ async def test_a_llamacpp_server_is_discovered_and_listed(
     gateway = start_gateway(settings)
     async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=60) as client:
         listed = [m.id async for m in client.models.list()]
-        reply = await client.chat.completions.create(model="gemma-3-270m", messages=QUESTION, max_tokens=4)  # type: ignore[arg-type]
+        reply = await client.chat.completions.create(model="gemma-3-270m", messages=QUESTION, max_tokens=4)
     assert listed == ["gemma-3-270m"]
     assert reply.usage is not None and reply.usage.completion_tokens == 4
