@@ -89,6 +89,26 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "ALTER TABLE ledger ADD COLUMN prune TEXT",
         ),
     ),
+    (
+        4,
+        (
+            # Policy versions and their audit trail (proxy.policy.store); id is assigned by the
+            # insert itself (max + 1), token finds the row just written.
+            """CREATE TABLE IF NOT EXISTS policy_versions (
+                id BIGINT PRIMARY KEY,
+                token TEXT NOT NULL UNIQUE,
+                version TEXT NOT NULL,
+                yaml TEXT NOT NULL,
+                author_key_id TEXT,
+                author_role TEXT,
+                created_at {real} NOT NULL,
+                comment TEXT,
+                diff TEXT NOT NULL,
+                parent_id BIGINT,
+                action TEXT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 _DIALECT = {
