@@ -82,7 +82,7 @@ def test_a_stream_from_llamacpp_is_relayed_and_its_tokens_counted(sdk: openai.Op
     assert (record["usage_source"], record["stream"], record["status"]) == ("counted", 1, 200)
     assert record["prompt_tokens"] > 5
     # counted with another tokenizer than Gemma's, so close to the number of chunks, not equal
-    assert 0.5 * len(pieces) <= record["completion_tokens"] <= 2 * len(pieces)
+    assert 0.5 * len(pieces) <= record["completion_tokens"] <= 1.5 * len(pieces)
 
 
 async def test_a_llamacpp_server_is_discovered_and_listed(
