@@ -31,6 +31,8 @@ from proxy.pipeline.cache import open_cache
 from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.route import load_router
+from proxy.policy.reload import PolicyReloader
+from proxy.policy.store import PolicyStore
 from proxy.providers.base import Provider
 from proxy.providers.health import Health
 from proxy.providers.openai_compat import OpenAICompatible
@@ -71,6 +73,11 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             health.start(session)  # probes local backends in the background
             stack.push_async_callback(health.close)
             router = await load_router(settings.policies, models)  # invalid: the start fails, nothing half-applied
+            reloader = None
+            if router is not None and settings.policies is not None:
+                reloader = PolicyReloader(settings.policies, models, router, PolicyStore(db))
+                await reloader.start()
+                stack.push_async_callback(reloader.close)
             keys = KeyStore(db)
             ledger = await _ledger(settings, db, {m.name: m for m in models})
             stack.push_async_callback(ledger.close)
@@ -94,6 +101,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 router=router,
                 cache=cache,
                 health=health,
+                reloader=reloader,
             )
             app[GATEWAY] = gateway
             if not models:

@@ -13,6 +13,7 @@ from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.guard import Guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.route import Router
+from proxy.policy.reload import PolicyReloader
 from proxy.providers.base import Provider
 from proxy.providers.health import Health
 from proxy.redact import Redactor
@@ -36,6 +37,7 @@ class Gateway:
     guard: Guard | None = None  # None when no budgets are configured
     router: Router | None = None  # None when no routing policy is configured
     cache: ResponseCache | None = None  # None when the cache is turned off
+    reloader: PolicyReloader | None = None  # with router: hot reload, versions and the admin API
     health: Health = field(default_factory=lambda: Health(()))  # breakers and latency per model (BackendState)
 
     async def check_stores(self) -> list[str]:

@@ -5,7 +5,8 @@ listening socket bound with SO_REUSEPORT, so the kernel spreads connections acro
 SIGTERM (or SIGINT) drains: the listening socket closes at once, idle keep-alive
 connections are closed, in-flight requests and streams get up to
 ``server.drain_timeout`` seconds to finish, then clean-up runs and the process exits 0.
-With ``--workers N`` the parent supervises: it forwards SIGTERM, restarts a worker that
+SIGHUP re-reads the routing policy file. With ``--workers N`` the parent supervises: it
+forwards SIGTERM and SIGHUP, restarts a worker that
 dies unexpectedly, and exits 0 once every worker has drained. The address is bound and
 the database opened (and migrated) before anything else starts, so a taken port or an
 unreachable store is one ``ConfigError`` line and exit code 2, never a restart loop.
@@ -84,6 +85,7 @@ async def _run(settings: Settings, reuse_port: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a signal during start-up drains too
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # not fatal while starting: start-up reads the file anyway
     _watch_supervisor(loop, stop)
     sock = bind(server.host, server.port, reuse_port=reuse_port)
     runner = web.AppRunner(
@@ -100,6 +102,7 @@ async def _run(settings: Settings, reuse_port: bool) -> None:
         sock.close()
         raise
     await web.SockSite(runner, sock, backlog=2048).start()
+    _reload_on_hup(loop, runner.app)
     # Everything built at start-up (modules, price table, config) lives as long as the process:
     # moved out of the collector's reach, full collections stop re-scanning it (tens of ms).
     gc.collect()
@@ -133,6 +136,15 @@ def _watch_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> N
         stop.set()
 
     loop.add_reader(sentinel, gone)
+
+
+def _reload_on_hup(loop: asyncio.AbstractEventLoop, app: web.Application) -> None:
+    """SIGHUP re-reads the routing policy file (``proxy.policy.reload``)."""
+    from proxy.app_state import GATEWAY
+
+    reloader = app[GATEWAY].reloader if GATEWAY in app else None
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.request_reload)
 
 
 def _close_connections(runner: web.AppRunner) -> None:
@@ -195,6 +207,11 @@ def _run_workers(settings: Settings) -> int:
         stop_signal = signum
         forward()
 
+    def on_hup(_signum: int, _frame: object) -> None:
+        for process in workers:  # each worker re-reads the policy file
+            if process.pid is not None and process.is_alive() and stop_signal is None:
+                os.kill(process.pid, signal.SIGHUP)
+
     def start() -> None:
         process = ctx.Process(target=_worker_main, args=(settings,), daemon=False)
         process.start()
@@ -205,6 +222,7 @@ def _run_workers(settings: Settings) -> int:
     # Handlers first: a SIGTERM while workers start must not leave them orphaned.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     for _ in range(settings.server.workers):
         start()
     log.info("supervising %d workers on port %d", len(workers), settings.server.port)

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy.api import wire
 from proxy.api.middleware import REQUEST_ID
+from proxy.api.admin import add_admin_routes
 from proxy.api.reports import add_report_routes
 from proxy.api.sse import StreamTap, cost_comment
 from proxy.app_state import GATEWAY, Gateway
@@ -240,3 +241,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     add_report_routes(app)
+    add_admin_routes(app)

@@ -50,6 +50,11 @@ class Router:
         self._counter = counter or TokenCounter()
         self._clock = clock
 
+    def swap(self, policy: Policy) -> None:
+        """Hot reload (``proxy.policy.reload``): one reference replaced, so requests in flight,
+        which read ``self.policy`` once, finish on the version they started with."""
+        self.policy = policy
+
     def features(self, exchange: Exchange, payload: Mapping[str, Any], headers: Mapping[str, str]) -> Features:
         return extract(
             payload,
