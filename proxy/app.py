@@ -31,6 +31,7 @@ from proxy.pipeline.cache import open_cache
 from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.route import load_router
+from proxy.pipeline.upstream import Upstream
 from proxy.policy.reload import PolicyReloader
 from proxy.policy.store import PolicyStore
 from proxy.providers.base import Provider
@@ -103,6 +104,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 health=health,
                 reloader=reloader,
             )
+            gateway.upstream = Upstream(providers, gateway.models, health, settings.upstream, ledger.price_of)
             app[GATEWAY] = gateway
             if not models:
                 log.warning("no models configured or found; see README 'Configuration'")

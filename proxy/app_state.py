@@ -13,6 +13,7 @@ from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.guard import Guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.route import Router
+from proxy.pipeline.upstream import Upstream
 from proxy.policy.reload import PolicyReloader
 from proxy.providers.base import Provider
 from proxy.providers.health import Health
@@ -39,6 +40,7 @@ class Gateway:
     cache: ResponseCache | None = None  # None when the cache is turned off
     reloader: PolicyReloader | None = None  # with router: hot reload, versions and the admin API
     health: Health = field(default_factory=lambda: Health(()))  # breakers and latency per model (BackendState)
+    upstream: Upstream | None = None  # the upstream stage (retries, fallbacks, cascade); built at start-up
 
     async def check_stores(self) -> list[str]:
         """What keeps the proxy from being ready; empty when every store answers."""

@@ -30,7 +30,7 @@ from proxy.pipeline.auth import Principal, bearer_token
 from proxy.pipeline.cache import Plan
 from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.guard import Ticket
-from proxy.providers.base import Call, Reply
+from proxy.pipeline.upstream import Served
 
 log = logging.getLogger("thrifty.api")
 
@@ -96,11 +96,11 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     ticket = await gateway.guard.admit(exchange, gateway.ledger.price_of(target.name)) if gateway.guard else None
     if ticket is not None:
         request[_BUDGET] = ticket
-    body, added_usage = wire.for_target(parsed, target.target_model)
-    call = Call(exchange.endpoint, body, parsed.payload, parsed.stream, target)
+    assert gateway.upstream is not None  # built at start-up
     exchange.upstream_started = time.perf_counter()
-    reply = await gateway.providers[target.name].send(call)
-    headers = {"x-request-id": exchange.request_id, "x-thrifty-model": target.name}
+    served = await gateway.upstream.serve(exchange, parsed)  # retries, fallbacks, cascade; sets exchange.target
+    reply = served.reply
+    headers = {"x-request-id": exchange.request_id, "x-thrifty-model": served.target.name}
     if exchange.route is not None:
         headers["x-thrifty-route"] = exchange.route
     if gateway.cache is not None and exchange.endpoint == "chat/completions":
@@ -108,8 +108,8 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     if ticket is not None and ticket.warning:
         headers["x-thrifty-budget-warning"] = ticket.warning
     if reply.chunks is not None:
-        return await _relay(request, gateway, exchange, reply, headers, added_usage, plan)
-    exchange.first_byte = exchange.upstream_done = time.perf_counter()
+        return await _relay(request, gateway, exchange, served, headers, plan)
+    exchange.upstream_done = time.perf_counter()
     exchange.usage = wire.usage_of(reply.body)
     if exchange.usage is None:  # an upstream that reports no usage: the ledger counts
         exchange.streamed_text = wire.reply_texts(reply.body)
@@ -127,21 +127,21 @@ async def _relay(
     request: web.Request,
     gateway: Gateway,
     exchange: Exchange,
-    reply: Reply,
+    served: Served,
     headers: dict[str, str],
-    hide_usage: bool,
     plan: Plan | None = None,
 ) -> web.StreamResponse:
+    reply = served.reply
     chunks = reply.chunks
     assert chunks is not None
-    tap = StreamTap(hide_usage)
+    tap = StreamTap(served.hide_usage)
     try:
-        first = await anext(chunks, b"")  # errors here still become a normal error response
-        exchange.first_byte = time.perf_counter()
+        # The first chunk is in hand (the upstream stage read it, so a stream that died before
+        # it could still fall back); from here on a failure ends the stream with an error event.
         response = web.StreamResponse(status=reply.status, headers={**_EVENT_STREAM_HEADERS, **headers})
         await response.prepare(request)
         try:
-            out = tap.feed(first)
+            out = tap.feed(served.first)
             if out:
                 await response.write(out)
             async for chunk in chunks:

@@ -9,8 +9,10 @@ branch of the error tree (``UpstreamError`` with the upstream's status and messa
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import orjson
@@ -51,8 +53,20 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
 
-def upstream_error(status: int, body: bytes, redact: Redactor) -> UpstreamError:
+class UpstreamStatus(UpstreamError):
+    """An error status from an upstream server, with the ``Retry-After`` it sent (seconds), if any."""
+
+    retry_after: float | None = None
+
+
+def upstream_error(status: int, body: bytes, redact: Redactor, retry_after: str | None = None) -> UpstreamStatus:
     """Keep the upstream's status and OpenAI-shaped error; scrub secrets from the message."""
+    error = _upstream_error(status, body, redact)
+    error.retry_after = retry_after_seconds(retry_after)
+    return error
+
+
+def _upstream_error(status: int, body: bytes, redact: Redactor) -> UpstreamStatus:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -63,7 +77,7 @@ def upstream_error(status: int, body: bytes, redact: Redactor) -> UpstreamError:
         kind = error.get("type")
         param = error.get("param")
         code = error.get("code")
-        return UpstreamError(
+        return UpstreamStatus(
             status,
             redact(message),
             type=str(kind) if kind else None,
@@ -71,7 +85,23 @@ def upstream_error(status: int, body: bytes, redact: Redactor) -> UpstreamError:
             code=str(code) if code is not None else None,
         )
     if isinstance(error, str):  # some servers (Ollama, vLLM) send {"error": "text"}
-        return UpstreamError(status, redact(error))
+        return UpstreamStatus(status, redact(error))
     text = body[:300].decode("utf-8", "replace").strip()
     detail = f": {text}" if text else ""
-    return UpstreamError(status, redact(f"upstream returned HTTP {status}{detail}"))
+    return UpstreamStatus(status, redact(f"upstream returned HTTP {status}{detail}"))
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: a number of seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)

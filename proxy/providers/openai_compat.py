@@ -47,7 +47,7 @@ class OpenAICompatible:
                 body = b""
             finally:
                 resp.release()
-            raise upstream_error(resp.status, body, self._redact)
+            raise upstream_error(resp.status, body, self._redact, resp.headers.get("Retry-After"))
         if call.stream and content_type.startswith("text/event-stream"):
             return Reply(resp.status, content_type, chunks=self._relay(resp))
         try:
