@@ -1,0 +1,249 @@
+"""Semantic cache precision: how many duplicates a threshold serves, and how many near-misses it
+serves a wrong answer, on the labelled pairs in tests/data/cache_pairs/.
+
+Run on purpose, from the repository root (about 10 s on 2 cores):
+
+    .venv/bin/python -m tests.benchmarks.cache_precision [--write-results] [--limit N]
+
+Each pair is treated as thrifty treats it: pair ``a`` is a stored single-turn (or multi-turn)
+request, ``b`` a new one, both ``temperature: 0`` chat completions of one tenant and route.
+The embedded text and the partition come from ``proxy.cache.semantic_key`` (the last user
+message is embedded; everything before it, the parameters and the tenant make the partition),
+the vectors from thrifty's in-process embedder (all-MiniLM-L6-v2 int8), and a candidate is
+served when it is in the same partition, its cosine similarity is at least the threshold,
+and ``semantic_key.compatible`` (numbers and negations) lets it through. Two modes are
+reported for each threshold: **cosine only** (what a plain similarity cache does: the last
+message alone, no partition, no guard) and **thrifty** (partition + guard + cosine).
+*Hit rate*: share of duplicates served; *false-hit rate*: share of non-duplicates served
+(a wrong answer). ``--write-results`` writes the tables to tests/data/cache_pairs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from proxy.cache import semantic_key
+from proxy.cache.embedder import LocalEmbedder
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "cache_pairs"
+PAIRS = DATA / "pairs.jsonl.gz"
+RESULTS = DATA / "RESULTS.md"
+THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.999)
+MAX_FALSE_HITS = 0.01
+TENANT, ROUTE = "team:study", "study"
+NOTES = "<!-- notes: kept by --write-results -->"
+
+
+def load_pairs(path: Path = PAIRS, kind: str | None = None) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def request(side: str | list[dict[str, str]]) -> dict[str, Any]:
+    """The chat completion a client would send for one side of a pair."""
+    messages = [{"role": "user", "content": side}] if isinstance(side, str) else side
+    return {"model": "gpt-4o", "messages": messages, "temperature": 0}
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One pair as the cache sees it."""
+
+    id: str
+    kind: str
+    category: str
+    duplicate: bool
+    similarity: float  # cosine of the embedded texts
+    same_partition: bool
+    compatible: bool  # the guard's verdict
+
+    def served(self, threshold: float, plain: bool = False) -> bool:
+        if plain:
+            return self.similarity >= threshold
+        return self.same_partition and self.compatible and self.similarity >= threshold
+
+
+def score(rows: Sequence[dict[str, Any]], embedder: LocalEmbedder) -> list[Scored]:
+    keys = []
+    for r in rows:
+        a = semantic_key.semantic_key(request(r["a"]), TENANT, ROUTE, embedder.name)
+        b = semantic_key.semantic_key(request(r["b"]), TENANT, ROUTE, embedder.name)
+        if a is None or b is None:
+            raise ValueError(f"pair {r['id']}: not semantically cacheable")
+        keys.append((a, b))
+    stored = embedder.embed_sync([a.text for a, _ in keys])
+    asked = embedder.embed_sync([b.text for _, b in keys])
+    similarity = np.einsum("ij,ij->i", stored, asked)
+    return [
+        Scored(
+            r["id"],
+            r["kind"],
+            r["category"],
+            bool(r["duplicate"]),
+            float(s),
+            a.partition == b.partition,
+            semantic_key.compatible(b.text, a.text),
+        )
+        for r, (a, b), s in zip(rows, keys, similarity, strict=True)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    threshold: float
+    duplicates: int
+    served: int  # duplicates served
+    negatives: int
+    wrong: int  # non-duplicates served
+
+    @property
+    def hit_rate(self) -> float:
+        return self.served / self.duplicates if self.duplicates else 0.0
+
+    @property
+    def false_hit_rate(self) -> float:
+        return self.wrong / self.negatives if self.negatives else 0.0
+
+    @property
+    def false_hit_upper(self) -> float:
+        """One-sided 95% Clopper-Pearson upper bound of the false-hit rate."""
+        return binomial_upper(self.wrong, self.negatives)
+
+
+def rates(scores: Iterable[Scored], threshold: float, plain: bool = False) -> Rates:
+    pairs = list(scores)
+    duplicates = [s for s in pairs if s.duplicate]
+    negatives = [s for s in pairs if not s.duplicate]
+    served = sum(s.served(threshold, plain) for s in duplicates)
+    wrong = sum(s.served(threshold, plain) for s in negatives)
+    return Rates(threshold, len(duplicates), served, len(negatives), wrong)
+
+
+def binomial_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """The p at which seeing at most ``k`` of ``n`` has probability 1 - confidence (bisection)."""
+    if n == 0:
+        return 1.0
+    alpha = 1.0 - confidence
+    low, high = k / n, 1.0
+    for _ in range(60):
+        p = (low + high) / 2
+        below = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+        low, high = (p, high) if below > alpha else (low, p)
+    return high
+
+
+def least_threshold(scores: Sequence[Scored], bound: bool, limit: float = MAX_FALSE_HITS) -> float | None:
+    """The lowest threshold (0.001 steps) whose false-hit rate, or its 95% upper bound, is at most ``limit``."""
+    for step in range(800, 1001):
+        r = rates(scores, step / 1000)
+        if (r.false_hit_upper if bound else r.false_hit_rate) <= limit:
+            return step / 1000
+    return None
+
+
+def sweep_table(scores: Sequence[Scored], thresholds: Sequence[float], shipped: float) -> str:
+    head = "| threshold | cosine only: hit rate | false-hit rate | thrifty: hit rate | false-hit rate | false hits (95% bound) |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for t in sorted({*thresholds, shipped}):
+        plain, ours = rates(scores, t, plain=True), rates(scores, t)
+        mark = " (default)" if t == shipped else ""
+        lines.append(
+            f"| {t:.3f}{mark} | {plain.hit_rate:.1%} | {plain.false_hit_rate:.1%} | {ours.hit_rate:.1%} | "
+            f"{ours.false_hit_rate:.1%} | {ours.wrong} of {ours.negatives} (≤ {ours.false_hit_upper:.1%}) |"
+        )
+    return "\n".join(lines)
+
+
+def category_table(scores: Sequence[Scored], threshold: float) -> str:
+    lines = ["| category | pairs | duplicate | served (thrifty) | served (cosine only) |", "|---|---|---|---|---|"]
+    for category in sorted({s.category for s in scores}, key=lambda c: (not _is_dup(scores, c), c)):
+        mine = [s for s in scores if s.category == category]
+        ours = sum(s.served(threshold) for s in mine) / len(mine)
+        plain = sum(s.served(threshold, plain=True) for s in mine) / len(mine)
+        lines.append(f"| {category} | {len(mine)} | {'yes' if mine[0].duplicate else 'no'} | {ours:.1%} | {plain:.1%} |")
+    return "\n".join(lines)
+
+
+def _is_dup(scores: Sequence[Scored], category: str) -> bool:
+    return next(s.duplicate for s in scores if s.category == category)
+
+
+def report(scores: Sequence[Scored], seconds: float, command: str) -> str:
+    shipped = semantic_key.DEFAULT_THRESHOLD
+    out = [
+        "# Semantic cache precision: results",
+        "",
+        f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, embedder"
+        f" {LocalEmbedder.name}, shipped `DEFAULT_THRESHOLD` = {shipped}; embedding and scoring took {seconds:.1f} s.",
+        "",
+    ]
+    for kind in ("question", "conversation"):
+        mine = [s for s in scores if s.kind == kind]
+        if not mine:
+            continue
+        dup = sum(s.duplicate for s in mine)
+        point, upper = least_threshold(mine, bound=False), least_threshold(mine, bound=True)
+        out += [
+            f"## {kind.capitalize()} pairs ({len(mine)}: {dup} duplicates, {len(mine) - dup} not)",
+            "",
+            sweep_table(mine, THRESHOLDS, shipped),
+            "",
+            f"Least threshold with a false-hit rate ≤ 1% (thrifty): {_t(point)}; with its 95% upper bound ≤ 1%: {_t(upper)}.",
+            "",
+            f"At the shipped default {shipped}, by category:",
+            "",
+            category_table(mine, shipped),
+            "",
+        ]
+        wrong = [s for s in mine if not s.duplicate and s.served(shipped)]
+        if wrong:
+            out += ["False hits at the default: " + ", ".join(f"{s.id} ({s.similarity:.3f})" for s in wrong), ""]
+    return "\n".join(out)
+
+
+def _t(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "none up to 1.000"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.benchmarks.cache_precision", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("--pairs", type=Path, default=PAIRS)
+    parser.add_argument("--limit", type=int, help="only the first N pairs of each kind")
+    parser.add_argument("--write-results", action="store_true", help=f"write the report to {RESULTS}")
+    args = parser.parse_args(argv)
+    rows = []
+    for kind in ("question", "conversation"):
+        mine = load_pairs(args.pairs, kind)
+        rows += mine[: args.limit] if args.limit else mine
+    started = time.perf_counter()
+    embedder = LocalEmbedder()
+    scores = score(rows, embedder)
+    seconds = time.perf_counter() - started
+    command = "python -m tests.benchmarks.cache_precision " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(scores, seconds, command.strip())
+    print(text)
+    if args.write_results:
+        # Hand-written notes below the marker survive a rerun.
+        old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else ""
+        notes = old[old.index(NOTES) :] if NOTES in old else NOTES + "\n"
+        RESULTS.write_text(text + "\n" + notes, encoding="utf-8")
+        print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
