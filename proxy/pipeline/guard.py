@@ -11,7 +11,9 @@ and the verdicts (:func:`refusal`, :func:`warning`). The I/O is two calls on a
 :class:`~proxy.cost.budgets.BudgetStore` (see there for the overspend bound). A principal
 with no budget costs one dict lookup: nothing is counted. The settle runs as a tracked
 background task, so neither a response nor a cancellation waits on Redis, and
-:meth:`Guard.close` awaits the ones still running at shutdown.
+:meth:`Guard.close` awaits the ones still running at shutdown. :meth:`Guard.spend_share`
+answers the routing policy's ``budget`` matcher without I/O, from the settled spend each
+reservation reads back (the whole fleet's, through Redis) plus this process's settles since.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ HOLD_GRACE = 60.0
 # Prompts longer than this (characters) are counted on a worker thread, off the event loop.
 _INLINE_CHARS = 32_000
 _MAX_WARNED = 10_000
+_MAX_SEEN = 100_000  # budget windows whose spend is remembered for routing
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +200,8 @@ class Guard:
         self._clock = clock
         self._settling = TaskSet("budget-settle")
         self._logged: set[str] = set()
+        self._seen: dict[str, int] = {}  # counter key -> settled spend, as last read (for routing)
+        self._windows: dict[str, tuple[str, float]] = {}  # period -> (current window id, its end)
 
     @property
     def settling(self) -> int:
@@ -234,6 +239,10 @@ class Guard:
             i = result.refused_by or 0
             self._log_once(counters[i].key + ":hard", "budget %s: the hard limit is reached; requests are refused", counters[i])
             raise refusal(budgets[i], windows[i], result.spent[i], result.reserved[i], amount)
+        if len(self._seen) >= _MAX_SEEN:
+            self._seen.clear()
+        for counter, spent in zip(counters, result.spent, strict=True):
+            self._seen[counter.key] = spent
         warnings = []
         for budget, counter, spent in zip(budgets, counters, result.spent, strict=True):
             text = warning(budget, spent)
@@ -245,7 +254,37 @@ class Guard:
     def settle(self, ticket: Ticket, exchange: Exchange) -> None:
         """Release the hold and add the actual cost, in the background (never raises)."""
         charge = exchange.charge
-        self._settling.spawn(self._settle(ticket, max(charge.cost + charge.overhead, 0) if charge is not None else 0))
+        actual = max(charge.cost + charge.overhead, 0) if charge is not None else 0
+        for counter in ticket.counters:
+            if counter.key in self._seen:
+                self._seen[counter.key] += actual
+        self._settling.spawn(self._settle(ticket, actual))
+
+    def spend_share(self, principal: Principal | None, scope: str = "*") -> float | None:
+        """The largest share of a limit (hard, else soft) that the principal has spent in the current
+        window, among its budgets in ``scope`` ("key", "team", "app"; "*": all): settled spend as the
+        last reservation read it plus this process's settles since. No I/O. None when no budget
+        applies or none was reserved against in this process during its current window."""
+        if principal is None:
+            return None
+        now = self._clock()
+        best = None
+        for budget in self.budgets_for(principal):
+            limit = budget.hard if budget.hard is not None else budget.soft
+            if limit is None or (scope != "*" and budget.scope != scope):
+                continue
+            spent = self._seen.get(counter_key(budget.scope, budget.name, budget.period, self._window_id(budget.period, now)))
+            if spent is not None:
+                share = spent / limit if limit > 0 else 1.0
+                best = share if best is None or share > best else best
+        return best
+
+    def _window_id(self, period: str, now: float) -> str:
+        cached = self._windows.get(period)
+        if cached is None or now >= cached[1]:
+            current = window(period, now)
+            cached = self._windows[period] = (current.id, current.end.timestamp())
+        return cached[0]
 
     def _release(self, reserving: asyncio.Future[Reservation], ticket: Ticket) -> None:
         if not reserving.cancelled() and reserving.exception() is None and reserving.result().granted:

@@ -6,7 +6,11 @@ context window needs the exact prompt size are tokens counted, on a worker threa
 request then names the chosen model (and carries the rule's ``max_tokens`` cap), and the
 exchange records the rule and the policy version for the ledger and the
 ``x-thrifty-route`` header. No rule applying leaves the request as it was. Embeddings are
-not routed. The policy is loaded once at start-up; an invalid one stops the start.
+not routed. The policy is loaded once at start-up; an invalid one stops the start. The
+engine also reads the state of the world, without I/O: each model's blended price (for
+``cheapest``), the backends' health and latency (``proxy.providers.health``), and the
+caller's budget spend share from the budget guard's last counts; each is read per request
+only when the live policy uses it.
 """
 
 from __future__ import annotations
@@ -14,25 +18,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import orjson
 
 from proxy.api.wire import ParsedRequest
 from proxy.config import ModelConfig
+from proxy.cost.prices import Price
 from proxy.cost.tokens import TokenCounter
 from proxy.errors import UnsupportedRequest
+from proxy.pipeline.auth import Principal
 from proxy.pipeline.exchange import Exchange
 from proxy.policy.capabilities import Capabilities, capabilities_for
 from proxy.policy.engine import evaluate
 from proxy.policy.features import extract, with_tokens
 from proxy.policy.loader import load_policy
-from proxy.policy.model import Decision, Features, Policy
+from proxy.policy.model import BackendState, Decision, Features, Policy
 
 log = logging.getLogger("thrifty.route")
 
 COUNTING_MODEL = "gpt-4o"  # o200k_base: the encoding token conditions are measured in
+
+
+class SpendView(Protocol):
+    """The budget guard's view of spend (``proxy.pipeline.guard.Guard``): no I/O."""
+
+    def spend_share(self, principal: Principal | None, scope: str = "*") -> float | None: ...
 
 
 class Router:
@@ -43,27 +55,49 @@ class Router:
         models: Collection[str],
         counter: TokenCounter | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        prices: Mapping[str, float] | None = None,
+        backends: BackendState | None = None,
+        spend: SpendView | None = None,
     ):
         self.policy = policy
         self.capabilities = capabilities
         self._models = frozenset(models)
         self._counter = counter or TokenCounter()
         self._clock = clock
+        self.prices = prices  # blended USD per 1M tokens by model, for "cheapest"
+        self.backends = backends
+        self.spend = spend
+
+    def attach(self, *, prices: Mapping[str, float] | None = None, spend: SpendView | None = None) -> None:
+        """What start-up builds after the router (the ledger's prices, the budget guard)."""
+        self.prices = prices if prices is not None else self.prices
+        self.spend = spend if spend is not None else self.spend
 
     def swap(self, policy: Policy) -> None:
         """Hot reload (``proxy.policy.reload``): one reference replaced, so requests in flight,
         which read ``self.policy`` once, finish on the version they started with."""
         self.policy = policy
 
-    def features(self, exchange: Exchange, payload: Mapping[str, Any], headers: Mapping[str, str]) -> Features:
+    def features(self, policy: Policy, exchange: Exchange, payload: Mapping[str, Any], headers: Mapping[str, str]) -> Features:
+        budget = None
+        if policy.budget_scopes and self.spend is not None and exchange.principal is not None:
+            budget = {}
+            for scope in policy.budget_scopes:
+                share = self.spend.spend_share(exchange.principal, scope)
+                if share is not None:
+                    budget[scope] = share
         return extract(
             payload,
             request_id=exchange.request_id,
             principal=exchange.principal,
             headers=headers,
-            header_names=self.policy.header_names,
+            header_names=policy.header_names,
             tags=exchange.tags,
             now=self._clock(),
+            classify=policy.classify,
+            budget=budget,
+            backends=self.backends,
         )
 
     async def route(self, exchange: Exchange, parsed: ParsedRequest, headers: Mapping[str, str]) -> ParsedRequest:
@@ -71,12 +105,12 @@ class Router:
             return parsed
         policy = self.policy  # one version for the whole request
         exchange.policy_version = policy.version
-        features = self.features(exchange, parsed.payload, headers)
-        decision = evaluate(policy, features, self.capabilities)
+        features = self.features(policy, exchange, parsed.payload, headers)
+        decision = evaluate(policy, features, self.capabilities, prices=self.prices)
         if decision.needs_tokens:
             tokens = await asyncio.to_thread(self.count, parsed.payload)
             features = with_tokens(features, tokens)
-            decision = evaluate(policy, features, self.capabilities)
+            decision = evaluate(policy, features, self.capabilities, prices=self.prices)
         exchange.features, exchange.decision = features, decision
         if decision.model is None:
             if decision.notes and parsed.model not in self._models:
@@ -108,14 +142,25 @@ def rewrite(parsed: ParsedRequest, decision: Decision) -> ParsedRequest:
     return ParsedRequest(decision.model, parsed.stream, payload, orjson.dumps(payload))
 
 
-async def load_router(path: str | None, models: Sequence[ModelConfig]) -> Router | None:
+def blended_prices(models: Iterable[str], price_of: Callable[[str], Price]) -> dict[str, float]:
+    """USD per 1M tokens, 3 parts input to 1 part output (a typical chat's mix), by model; a model
+    with no known price is left out, so ``cheapest`` tries it last rather than first."""
+    out = {}
+    for name in models:
+        price = price_of(name)
+        if price.source != "unknown":
+            out[name] = float(price.input * 3 + price.output) / 4
+    return out
+
+
+async def load_router(path: str | None, models: Sequence[ModelConfig], *, backends: BackendState | None = None) -> Router | None:
     """The router for the policy at ``path`` (None: no routing); raises ConfigError when invalid."""
     if path is None:
         return None
 
     def build() -> Router:
         policy = load_policy(path, models)
-        return Router(policy, capabilities_for(models), [m.name for m in models])
+        return Router(policy, capabilities_for(models), [m.name for m in models], backends=backends)
 
     router = await asyncio.to_thread(build)
     log.info("routing policy %s (version %s): %d rules", path, router.policy.version, len(router.policy.rules))

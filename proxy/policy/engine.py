@@ -5,7 +5,14 @@ whose conditions hold but whose every target lacks what the request uses (tools,
 JSON schema, a context window large enough) is passed over with a note saying why, and the
 next rule is tried. A weighted split picks its arm from a hash of the request id and the
 rule name: the same request always lands on the same arm, and arms get their share of
-traffic. The chosen arm's models come first; the other arms' follow as fallbacks.
+traffic. The chosen arm's models come first; the other arms' follow as fallbacks. A
+``cheapest`` rule orders its capable targets by blended price (``prices``: USD per 1M
+tokens, 3 input : 1 output; a model with no known price goes last), a ``fastest`` one by
+the backends' observed latency (unknown latency last); ties keep the written order. Then,
+whatever the strategy, targets whose backend is down move after the healthy ones (never
+dropped: something is always tried). A cascade answers with its first ``try`` model and
+escalates to its ``then`` models, which lead the fallbacks; with no usable ``try`` model
+left (unfit or down) it routes straight to ``then``.
 
 When a token condition or a context window cannot be decided from the cheap upper bound,
 the decision says ``needs_tokens``: the caller counts (off the event loop) and calls again.
@@ -15,14 +22,25 @@ the hot path allocates nothing per rule.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 
 from proxy.policy.capabilities import NEEDS_TOKENS, UNKNOWN, Capabilities, unfit
 from proxy.policy.model import Action, Decision, Features, Policy, Rule
 
+_INF = math.inf
 
-def evaluate(policy: Policy, features: Features, capabilities: Mapping[str, Capabilities], *, explain: bool = False) -> Decision:
+
+def evaluate(
+    policy: Policy,
+    features: Features,
+    capabilities: Mapping[str, Capabilities],
+    *,
+    prices: Mapping[str, float] | None = None,
+    explain: bool = False,
+) -> Decision:
+    """The decision for one request; ``prices`` (blended USD per 1M tokens) serve ``cheapest`` rules."""
     notes: list[str] = []
     for rule in policy.rules:
         failed = None
@@ -54,8 +72,55 @@ def evaluate(policy: Policy, features: Features, capabilities: Mapping[str, Capa
         if not usable:
             notes.append(f"{_where(rule)}: matched, but no target can serve this request")
             continue
-        return Decision(rule.name, usable[0], policy.version, tuple(usable[1:]), action.max_tokens, notes=tuple(notes))
+        return _decide(policy, rule, usable, features, prices, notes, explain)
     return Decision(None, None, policy.version, notes=tuple(notes))
+
+
+def _decide(
+    policy: Policy,
+    rule: Rule,
+    usable: list[str],
+    f: Features,
+    prices: Mapping[str, float] | None,
+    notes: list[str],
+    explain: bool,
+) -> Decision:
+    """The decision of a matched rule: its capable targets put in order (strategy, then health)."""
+    action = rule.action
+    if action.strategy == "cheapest" and prices is not None and len(usable) > 1:
+        usable.sort(key=lambda m: prices.get(m, _INF))  # stable: ties keep the written order
+    backends = f.backends
+    if action.strategy == "fastest" and backends is not None and len(usable) > 1:
+        usable.sort(key=lambda m: _latency(backends.latency_ms(m)))
+    if backends is not None:
+        down = [m for m in usable if not backends.is_up(m)]
+        if down and len(down) < len(usable):
+            usable = [m for m in usable if m not in down] + down
+            if explain:
+                notes.append(f"{_where(rule)}: {', '.join(down)} down: tried after the others")
+    cascade = action.cascade
+    if cascade is not None:
+        then = [m for m in usable if m in cascade.then]
+        first = [m for m in usable if m not in cascade.then]
+        if first and then and first[0] == usable[0]:
+            usable = [first[0], *then, *first[1:]]
+        else:  # nothing to try first (unfit or down) or nothing to escalate to: a plain route
+            cascade = None
+    return Decision(
+        rule.name,
+        usable[0],
+        policy.version,
+        tuple(usable[1:]),
+        action.max_tokens,
+        notes=tuple(notes),
+        cascade=cascade,
+        cache=action.cache,
+        prune=action.prune,
+    )
+
+
+def _latency(ms: float | None) -> float:
+    return _INF if ms is None else ms
 
 
 def candidates(action: Action, request_id: str, rule_name: str) -> tuple[str, ...]:

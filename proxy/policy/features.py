@@ -4,7 +4,9 @@ One pass over the messages: the last user message's text, whether images, tools 
 mode are used, and an upper bound on the prompt's tokens (UTF-8 bytes of the counted text,
 plus the framing tiktoken's chat count adds). A token is at least one byte, so the bound
 decides most token conditions without loading a tokenizer; the exact count is filled in
-(``with_tokens``) only when a rule or a context window needs it.
+(``with_tokens``) only when a rule or a context window needs it. The task class
+(``classify``) is computed only when the policy matches on it; budget shares and backend
+state are handed in by the router, also only when some rule reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import replace
 from typing import Any
 
 from proxy.pipeline.auth import Principal
-from proxy.policy.model import Features
+from proxy.policy.classify import classify as classify_task
+from proxy.policy.model import BackendState, Features
 
 # The framing of proxy.cost.tokens.TokenCounter.count_messages, so the bound stays above its count.
 _PER_MESSAGE = 4
@@ -32,6 +35,9 @@ def extract(
     header_names: Collection[str] = (),
     tags: Mapping[str, str] | None = None,
     now: float = 0.0,
+    classify: bool = False,
+    budget: Mapping[str, float] | None = None,
+    backends: BackendState | None = None,
 ) -> Features:
     messages = payload.get("messages")
     messages = messages if isinstance(messages, list) else []
@@ -74,6 +80,7 @@ def extract(
             value = headers.get(name)
             if value is not None:
                 picked[name] = value
+    json_mode = _json_mode(payload.get("response_format"))
     return Features(
         model=str(payload.get("model") or ""),
         request_id=request_id,
@@ -86,9 +93,12 @@ def extract(
         last_user_lower=last_user.lower(),
         tools=bool(payload.get("tools") or payload.get("functions")),
         images=images,
-        json_mode=_json_mode(payload.get("response_format")),
+        json_mode=json_mode,
         prompt_bound=bound,
         now=now,
+        task_class=classify_task(last_user, json_mode=json_mode is not None) if classify else None,
+        budget=budget or {},
+        backends=backends,
     )
 
 

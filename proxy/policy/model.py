@@ -21,6 +21,18 @@ from zoneinfo import ZoneInfo
 _UTC = ZoneInfo("UTC")
 
 
+class BackendState(Protocol):
+    """What the upstream stage knows about each model's backend, read by health and latency
+    matchers and the "fastest" strategy. Implemented by ``proxy.providers.health``; reads are
+    plain attribute lookups (no I/O), so evaluation stays pure and cheap."""
+
+    def is_up(self, model: str) -> bool: ...
+
+    def latency_ms(self, model: str) -> float | None:
+        """Recent time to first byte (an average), None when nothing was measured yet."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Features:
     """What routing may look at in one request; extracted cheaply by ``features.extract``."""
@@ -40,19 +52,12 @@ class Features:
     prompt_bound: int = 0  # an upper bound on the prompt's tokens (its UTF-8 bytes plus framing)
     prompt_tokens: int | None = None  # the exact count, when someone paid for it
     now: float = 0.0  # epoch seconds
-    task_class: str | None = None  # from the cheap classifier, when some rule asks for it
-
-
-class BackendState(Protocol):
-    """What the upstream stage knows about each model's backend, read by health and latency
-    matchers and the "fastest" strategy. Implemented by ``proxy.providers.health``; reads are
-    plain attribute lookups (no I/O), so evaluation stays pure and cheap."""
-
-    def is_up(self, model: str) -> bool: ...
-
-    def latency_ms(self, model: str) -> float | None:
-        """Recent time to first byte (an average), None when nothing was measured yet."""
-        ...
+    task_class: str | None = None  # from the cheap classifier (``classify``), when some rule asks for it
+    # The state of the world the request is routed in, read without I/O (filled by the router
+    # only when the policy looks at it): budget spend shares by scope ("team", "key", "app";
+    # "*" the tightest of them), and the backends' health and latency.
+    budget: Mapping[str, float] = field(default_factory=dict)
+    backends: BackendState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +196,48 @@ class TimeWindow(Condition):
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetShare(Condition):
+    """The principal's spend has reached ``above`` (a share) of its tightest limit in ``scope``.
+
+    The share comes from the budget guard's last view of the counters (no I/O here); a
+    principal with no budget, or one the guard has not seen yet this window, never matches."""
+
+    above: float = 0.8
+    scope: str = "*"  # "team" | "key" | "app" | "*" (any of them)
+
+    def test(self, f: Features) -> bool:
+        share = f.budget.get(self.scope)
+        return share is not None and share >= self.above
+
+    def seen(self, f: Features) -> str:
+        share = f.budget.get(self.scope)
+        whose = "the tightest budget" if self.scope == "*" else f"the {self.scope} budget"
+        return f"{whose} is {'unknown (no budget, or no spend seen yet)' if share is None else f'{share:.0%} spent'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Health(Condition):
+    """Every model in ``down`` is down and every one in ``up`` is up (as the upstream stage sees
+    them). With no backend state (simulation, tests) every model counts as up."""
+
+    down: tuple[str, ...] = ()
+    up: tuple[str, ...] = ()
+
+    def test(self, f: Features) -> bool:
+        if not self.down and not self.up:
+            return False  # its aliases name no configured model: nothing to watch
+        backends = f.backends
+        if backends is None:
+            return not self.down
+        return all(not backends.is_up(m) for m in self.down) and all(backends.is_up(m) for m in self.up)
+
+    def seen(self, f: Features) -> str:
+        backends = f.backends
+        states = [f"{m} is {'up' if backends is None or backends.is_up(m) else 'down'}" for m in (*self.down, *self.up)]
+        return ", ".join(states) or "no configured model to watch"
+
+
+@dataclass(frozen=True, slots=True)
 class Arm:
     """One way out of a rule: models tried in order (an alias expands to several)."""
 
@@ -228,6 +275,7 @@ class Cascade:
     checks: tuple[str, ...] = ("empty", "refusal", "json", "short")  # see ``proxy.pipeline.cascade``
     min_chars: int = 1  # "short": fewer characters than this fails
     min_logprob: float | None = None  # "confidence": a mean token logprob below this fails
+    then: tuple[str, ...] = ()  # the models escalated to (the rule's ``then``); the decision's fallbacks start with them
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +308,8 @@ class Policy:
     source: str
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # as resolved: configured models only
     header_names: frozenset[str] = frozenset()  # headers some rule looks at (lower-case)
+    classify: bool = False  # some rule matches on task_class: classify each request
+    budget_scopes: frozenset[str] = frozenset()  # scopes some budget condition reads ("*": the tightest)
 
     def rule_named(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)

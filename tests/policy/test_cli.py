@@ -71,7 +71,7 @@ def test_check_a_valid_policy_exits_0_and_shows_the_aliases(tmp_path: Path, conf
             "rules:\n  - name: a\n    match: {regex: '(unclosed'}\n    action: {target: gemma}\n",
             ":3: rules[0].match.regex: bad regular",
         ),
-        ("rules:\n  - name: a\n    action: {cascade: [gemma, gpt-4o]}\n", ":3: rules[0].action.cascade: not supported yet"),
+        ("rules:\n  - name: a\n    action: {cascade: [gemma, gpt-4o]}\n", ":3: rules[0].action.cascade: must be a mapping"),
     ],
 )
 def test_check_an_invalid_policy_is_one_line_with_file_and_line(tmp_path: Path, config: Path, text: str, expected: str) -> None:

@@ -235,3 +235,143 @@ def test_capabilities_come_from_litellm_and_the_config_overrides_them() -> None:
     assert caps["alias"] == Capabilities(tools=True, vision=False, context_window=128000)
     real = capabilities_for([ModelConfig("gpt-4o-mini", "openai", "http://x")])
     assert real["gpt-4o-mini"].tools and real["gpt-4o-mini"].json_schema and real["gpt-4o-mini"].context_window
+
+
+class FakeBackends:
+    """A BackendState: which models are down and their latencies (ms)."""
+
+    def __init__(self, down: set[str] | None = None, latency: dict[str, float] | None = None):
+        self.down = down or set()
+        self.latency = latency or {}
+
+    def is_up(self, model: str) -> bool:
+        return model not in self.down
+
+    def latency_ms(self, model: str) -> float | None:
+        return self.latency.get(model)
+
+
+def test_targets_whose_backend_is_down_move_after_the_healthy_ones() -> None:
+    p = policy("rules:\n  - {name: r, match: {model: auto}, action: {target: [local, mini, big]}}\n")
+    d = decide(p, replace(extract(chat()), backends=FakeBackends(down={"local"})), explain=True)
+    assert (d.model, d.fallbacks) == ("mini", ("big", "local"))
+    assert "rule 'r' (line 2): local down: tried after the others" in d.notes
+    everything_down = FakeBackends(down={"local", "mini", "big"})
+    d = decide(p, replace(extract(chat()), backends=everything_down))
+    assert (d.model, d.fallbacks) == ("local", ("mini", "big"))  # all down: the written order, something is tried
+
+
+def test_health_matcher_routes_to_the_cloud_while_the_local_backend_is_down() -> None:
+    p = policy(
+        """\
+        rules:
+          - {name: local-down, match: {model: auto, health: {down: local}}, action: {target: big}}
+          - {name: local-up, match: {model: auto, health: {up: [local]}}, action: {target: local}}
+        """
+    )
+    f = extract(chat())
+    assert decide(p, replace(f, backends=FakeBackends(down={"local"}))).rule == "local-down"
+    assert decide(p, replace(f, backends=FakeBackends(down={"mini"}))).rule == "local-up"
+    assert decide(p, f).rule == "local-up"  # no backend state (simulate, explain): every model counts as up
+    d = decide(p, replace(f, backends=FakeBackends()), explain=True)
+    assert d.notes == ("rule 'local-down' (line 2): not matched: health down ['local'] up [] is false (local is up)",)
+
+
+def test_cheapest_orders_capable_targets_by_price_and_unknown_prices_last() -> None:
+    p = policy("rules:\n  - {name: c, match: {model: auto}, action: {cheapest: [big, mini, local]}}\n")
+    prices = {"big": 5.0, "mini": 0.3, "local": 0.0}
+    d = evaluate(p, extract(chat()), CAPS, prices=prices)
+    assert (d.rule, d.model, d.fallbacks) == ("c", "local", ("mini", "big"))
+    d = evaluate(p, extract(chat(tools=[{"type": "function"}])), CAPS, prices=prices)
+    assert (d.model, d.fallbacks) == ("mini", ("big",))  # local has no tools: the cheapest capable one
+    d = evaluate(p, extract(chat()), CAPS, prices={"big": 5.0, "mini": 0.3})
+    assert (d.model, d.fallbacks) == ("mini", ("big", "local"))  # no known price: tried last
+    tie = policy("rules:\n  - {name: c, match: {model: auto}, action: {target: [big, mini], strategy: cheapest}}\n")
+    assert evaluate(tie, extract(chat()), CAPS, prices={"big": 1.0, "mini": 1.0}).model == "big"  # ties keep order
+    assert evaluate(tie, extract(chat()), CAPS).model == "big"  # no prices at all: the written order
+
+
+def test_fastest_orders_by_observed_latency_unknown_last_and_down_after_up() -> None:
+    p = policy("rules:\n  - {name: f, match: {model: auto}, action: {fastest: [local, mini, big]}}\n")
+    f = extract(chat())
+    d = decide(p, replace(f, backends=FakeBackends(latency={"big": 120.0, "mini": 300.0})))
+    assert (d.model, d.fallbacks) == ("big", ("mini", "local"))
+    d = decide(p, replace(f, backends=FakeBackends(down={"big"}, latency={"big": 120.0, "mini": 300.0})))
+    assert (d.model, d.fallbacks) == ("mini", ("local", "big"))
+    assert decide(p, f).model == "local"  # no backend state: the written order
+
+
+def test_a_cascade_tries_the_small_model_and_escalates_to_then_first() -> None:
+    p = policy(
+        """\
+        rules:
+          - name: c
+            match: {model: auto}
+            action: {cascade: {try: [local, mini], then: big, checks: [empty, json], min_chars: 5}, max_tokens: 300}
+        """
+    )
+    d = decide(p, extract(chat()))
+    assert (d.model, d.fallbacks, d.max_tokens) == ("local", ("big", "mini"), 300)
+    assert d.cascade is not None and d.cascade.checks == ("empty", "json") and d.cascade.then == ("big",)
+    d = decide(p, extract(chat(tools=[{"type": "function"}])))
+    assert (d.model, d.fallbacks) == ("mini", ("big",)) and d.cascade is not None  # local cannot: mini is tried
+    d = decide(p, replace(extract(chat()), backends=FakeBackends(down={"local", "mini"})))
+    assert (d.model, d.cascade) == ("big", None)  # nothing to try first: straight to the large model
+    d = decide(p, replace(extract(chat()), backends=FakeBackends(down={"local"})))
+    assert (d.model, d.fallbacks) == ("mini", ("big", "local")) and d.cascade is not None
+
+
+def test_route_cache_and_prune_settings_ride_on_the_decision() -> None:
+    p = policy(
+        """\
+        rules:
+          - name: r
+            match: {model: auto}
+            action:
+              target: mini
+              cache: {mode: semantic, threshold: 0.97, ttl: 1h}
+              prune: {max_input_tokens: 2000, keep_last: 4}
+        """
+    )
+    d = decide(p, extract(chat()))
+    assert d.cache is not None and (d.cache.mode, d.cache.threshold, d.cache.ttl_seconds) == ("semantic", 0.97, 3600.0)
+    assert d.prune is not None and (d.prune.max_input_tokens, d.prune.keep_last, d.prune.summarize) == (2000, 4, True)
+
+
+def test_task_class_is_computed_only_when_a_rule_asks_and_routes_by_it() -> None:
+    p = policy(
+        """\
+        rules:
+          - {name: hard, match: {model: auto, task_class: [code, math]}, action: {target: big}}
+          - {name: easy, match: {model: auto}, action: {target: local}}
+        """
+    )
+    assert p.classify
+    code = extract(chat("Write a Python function that reverses a string"), classify=p.classify)
+    assert code.task_class == "code" and decide(p, code).model == "big"
+    chat_f = extract(chat("hello there!"), classify=p.classify)
+    d = decide(p, chat_f, explain=True)
+    assert d.model == "local"
+    assert d.notes == ("rule 'hard' (line 2): not matched: task_class in ['code', 'math'] is false (task_class is chat)",)
+    assert extract(chat("Write a Python function")).task_class is None  # not asked for: not computed
+
+
+def test_budget_share_matcher_per_scope_and_unknown_never_matches() -> None:
+    p = policy(
+        """\
+        rules:
+          - {name: team-hot, match: {budget: {above: 0.8, scope: team}}, action: {target: local}}
+          - {name: any-hot, match: {budget: {above: 0.95}}, action: {target: mini}}
+          - {name: rest, action: {target: big}}
+        """
+    )
+    assert p.budget_scopes == frozenset({"team", "*"})
+    f = extract(chat())
+    assert decide(p, replace(f, budget={"team": 0.8, "*": 0.8})).rule == "team-hot"  # reached counts
+    assert decide(p, replace(f, budget={"team": 0.5, "*": 0.97})).rule == "any-hot"
+    d = decide(p, f, explain=True)
+    assert d.rule == "rest"
+    assert d.notes[0] == (
+        "rule 'team-hot' (line 2): not matched: budget team >= 0.8 is false "
+        "(the team budget is unknown (no budget, or no spend seen yet))"
+    )

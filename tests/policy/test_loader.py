@@ -12,7 +12,7 @@ import pytest
 from proxy.config import DEFAULT_BASE_URLS, ModelConfig, load_settings
 from proxy.errors import ConfigError
 from proxy.policy.loader import load_policy, parse_policy
-from proxy.policy.model import Features, Keywords, Pattern, TimeWindow, TokenRange
+from proxy.policy.model import Cascade, Features, Keywords, Pattern, RouteCache, RoutePrune, TimeWindow, TokenRange
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = (
@@ -97,17 +97,92 @@ def test_a_full_policy_loads_with_lines_aliases_and_a_version() -> None:
             "rules[0].match.tools: must be true or false",
         ),
         (
-            "rules:\n  - name: a\n    action: {target: gpt-4o, cascade: [gemma, gpt-4o]}\n",
-            "p.yaml:3: rules[0].action.cascade: not supported yet",
+            "rules:\n  - name: a\n    action: {target: gpt-4o, cascade: {try: gemma, then: gpt-4o}}\n",
+            "p.yaml:3: rules[0].action: needs exactly one of target",
         ),
-        ("rules:\n  - name: a\n    action: {cheapest: true}\n", "p.yaml:3: rules[0].action.cheapest: not supported yet"),
         (
-            "rules:\n  - name: a\n    match: {task_class: code}\n    action: {target: gpt-4o}\n",
-            "p.yaml:3: rules[0].match.task_class: not supported yet",
+            "rules:\n  - name: a\n    action:\n      cascade: {try: gemma}\n",
+            "p.yaml:4: rules[0].action.cascade: a cascade needs then:",
+        ),
+        (
+            "rules:\n  - name: a\n    action:\n      cascade:\n        try: gemma\n        then: gpt-4o\n"
+            "        checks: [empty, vibes]\n",
+            "p.yaml:7: rules[0].action.cascade.checks: unknown check 'vibes'; use empty, refusal, json, short, confidence",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {cascade: {try: gemma, then: gpt-4o, checks: [confidence]}}\n",
+            "rules[0].action.cascade.checks: the confidence check needs min_logprob",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {cascade: {try: gemma, then: gpt-4o, min_logprob: 0.5}}\n",
+            "rules[0].action.cascade.min_logprob: must be a negative number",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {cascade: {try: gemma, then: gpt-5x}}\n",
+            "p.yaml:3: rules[0].action.cascade.then: unknown model 'gpt-5x'",
+        ),
+        ("rules:\n  - name: a\n    action: {cheapest: true}\n", "rules[0].action.cheapest: must be a non-empty string or a list"),
+        (
+            "rules:\n  - name: a\n    action: {split: {gpt-4o: 1}, strategy: cheapest}\n",
+            "rules[0].action.strategy: goes with target only",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, strategy: random}\n",
+            "rules[0].action.strategy: must be one of ordered, cheapest, fastest",
+        ),
+        (
+            "rules:\n  - name: a\n    match:\n      task_class: [code, poetry]\n    action: {target: gpt-4o}\n",
+            "p.yaml:4: rules[0].match.task_class: unknown task class 'poetry'; the classifier knows chat, code",
         ),
         (
             "rules:\n  - name: a\n    match: {budget: {above: 80}}\n    action: {target: gpt-4o}\n",
-            "rules[0].match.budget: not supported yet",
+            "p.yaml:3: rules[0].match.budget.above: must be a share between 0 and 1 (0.8 for 80%)",
+        ),
+        (
+            "rules:\n  - name: a\n    match: {budget: {above: 0.8, scope: org}}\n    action: {target: gpt-4o}\n",
+            "rules[0].match.budget.scope: must be one of team, key, app",
+        ),
+        ("rules:\n  - name: a\n    match: {budget: {scope: team}}\n    action: {target: gpt-4o}\n", "budget: needs above"),
+        (
+            "rules:\n  - name: a\n    match: {health: {down: llama9}}\n    action: {target: gpt-4o}\n",
+            "p.yaml:3: rules[0].match.health.down: unknown model 'llama9'",
+        ),
+        ("rules:\n  - name: a\n    match: {health: {}}\n    action: {target: gpt-4o}\n", "match.health: needs down, up or both"),
+        (
+            "rules:\n  - name: a\n    action:\n      target: gpt-4o\n      cache: {mode: fuzzy}\n",
+            "p.yaml:5: rules[0].action.cache.mode: must be one of off, exact, semantic",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, cache: {mode: semantic, threshold: 1.5}}\n",
+            "rules[0].action.cache.threshold: must be a cosine similarity between 0 and 1",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, cache: {mode: exact, threshold: 0.9}}\n",
+            "rules[0].action.cache.threshold: applies to the semantic cache only (mode is exact)",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, cache: {ttl: 10 minutes}}\n",
+            "rules[0].action.cache.ttl: must be a duration",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, cache: {scope: world}}\n",
+            "rules[0].action.cache.scope: must be one of team, key",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, prune: {max_input_tokens: 100, context_share: 0.5}}\n",
+            "rules[0].action.prune.context_share: give max_input_tokens or context_share, not both",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, prune: {context_share: 2}}\n",
+            "rules[0].action.prune.context_share: must be a share of the context window in (0, 1]",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, prune: {max_input_tokens: 100, summarizer: nobody}}\n",
+            "rules[0].action.prune.summarizer: unknown model 'nobody'",
+        ),
+        (
+            "rules:\n  - name: a\n    action: {target: gpt-4o, prune: {max_input_tokens: 100, keep_last: 0}}\n",
+            "rules[0].action.prune.keep_last: must be >= 1",
         ),
         ("rules:\n  - name: a\n    match: {model: auto}\n", "p.yaml:2: rules[0]: every rule needs an action"),
         ("rules:\n  - match: {model: auto}\n    action: {target: gpt-4o}\n", "p.yaml:2: rules[0].name: every rule needs a name"),
@@ -197,3 +272,78 @@ def test_config_policies_key_and_model_capabilities(tmp_path: Path, monkeypatch:
     config.write_text("models:\n  - name: q\n    capabilities: {tools: maybe}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"thrifty.yaml:3: models\[0\].capabilities.tools: must be true or false"):
         load_settings(str(config), env={})
+
+
+def test_matchers_and_actions_of_the_second_slice_load_into_the_model() -> None:
+    policy = parse(
+        """\
+        aliases:
+          small: ["@local", gpt-4o-mini]
+          large: [gpt-4o]
+        rules:
+          - name: over-budget
+            match: {budget: {above: 0.8, scope: team}}
+            action: {target: small, cache: off}
+          - name: local-down
+            match: {model: auto, health: {down: "@local"}}
+            action: {target: large}
+          - name: hard
+            match: {task_class: [math, code]}
+            action:
+              cascade: {try: small, then: large, checks: [empty, short, confidence], min_chars: 20, min_logprob: -1.5}
+              max_tokens: 800
+              cache: {mode: semantic, ttl: 10m, threshold: 0.95, scope: key}
+              prune: {context_share: 0.5, keep_last: 4, summarize: false, summarizer: small, allow_opt_out: false}
+          - name: cheap
+            match: {model: auto, json: true}
+            action: {cheapest: [gpt-4o, small], prune: {max_input_tokens: 4000}}
+          - name: quick
+            match: {model: auto}
+            action: {target: [gpt-4o, gpt-4o-mini], strategy: fastest}
+        """
+    )
+    budget, down, hard, cheap, quick = policy.rules
+    assert policy.classify and policy.budget_scopes == frozenset({"team"})
+    assert budget.action.cache == RouteCache(mode="off")
+    assert [c.text for c in budget.conditions] == ["budget team >= 0.8"]
+    assert [c.text for c in down.conditions] == ["model in ['auto']", "health down ['gemma'] up []"]
+    cascade = hard.action.cascade
+    assert cascade == Cascade(("empty", "short", "confidence"), 20, -1.5, ("gpt-4o",))
+    assert hard.action.arms[0].models == ("gemma", "gpt-4o-mini", "gpt-4o")  # try first, then the escalation
+    assert hard.action.max_tokens == 800
+    assert hard.action.cache == RouteCache("semantic", 600.0, 0.95, "key")
+    assert hard.action.prune == RoutePrune(None, 0.5, 4, False, "gemma", False)
+    assert (cheap.action.strategy, cheap.action.arms[0].models) == ("cheapest", ("gpt-4o", "gemma", "gpt-4o-mini"))
+    assert cheap.action.prune == RoutePrune(max_input_tokens=4000)
+    assert quick.action.strategy == "fastest"
+    assert parse("rules: [{name: a, match: {team: x}, action: {target: gpt-4o}}]\n").classify is False
+
+
+def test_a_cascade_whose_try_overlaps_then_escalates_to_then_only() -> None:
+    policy = parse("rules: [{name: c, action: {cascade: {try: [gemma, gpt-4o], then: gpt-4o}}}]\n")
+    action = policy.rules[0].action
+    assert action.arms[0].models == ("gemma", "gpt-4o") and action.cascade is not None
+    assert action.cascade.then == ("gpt-4o",) and action.cascade.checks == ("empty", "refusal", "json", "short")
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "shadowed"),
+    [
+        ("{task_class: code}", "{task_class: code, team: x}", True),
+        ("{task_class: code}", "{task_class: math}", False),
+        ("{budget: {above: 0.8}}", "{budget: {above: 0.8}, model: auto}", True),
+        ("{budget: {above: 0.8}}", "{budget: {above: 0.9}}", False),
+        ("{budget: {above: 0.8, scope: team}}", "{budget: {above: 0.8}}", False),
+        ("{health: {down: gemma}}", "{health: {down: gemma}, tools: true}", True),
+        ("{health: {down: gemma}}", "{health: {up: gemma}}", False),
+    ],
+)
+def test_shadowing_with_the_new_conditions(earlier: str, later: str, shadowed: bool) -> None:
+    text = (
+        f"rules:\n  - {{name: a, match: {earlier}, action: {{target: gpt-4o}}}}\n"
+        f"  - {{name: b, match: {later}, action: {{target: gemma}}}}\n"
+    )
+    if shadowed:
+        assert "rule 'b' is shadowed: the earlier rule 'a' (line 2)" in error_of(text)
+    else:
+        assert len(parse(text).rules) == 2
