@@ -27,7 +27,7 @@ from proxy.cost.tokens import TokenCounter
 from proxy.cost.writer import LedgerWriter
 from proxy.discovery import discover_local
 from proxy.pipeline.auth import Authenticator
-from proxy.pipeline.cache import open_cache
+from proxy.pipeline.cache import open_cache, open_semantic, semantic_wanted
 from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.route import load_router
@@ -88,6 +88,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             cache = open_cache(settings.cache)
             if cache is not None:
                 stack.push_async_callback(cache.close)  # stores still running, then Redis closes
+                if semantic_wanted(settings.cache, router.policy if router is not None else None):
+                    await open_semantic(cache, {m.name: m for m in models}, session, ledger.price_of)  # embedder, warm start
             gateway = Gateway(
                 settings=settings,
                 db=db,

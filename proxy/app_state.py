@@ -12,6 +12,7 @@ from proxy.pipeline.auth import Authenticator
 from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.guard import Guard
 from proxy.pipeline.ledger import Ledger
+from proxy.pipeline.prune import Pruner
 from proxy.pipeline.route import Router
 from proxy.pipeline.upstream import Upstream
 from proxy.policy.reload import PolicyReloader
@@ -38,6 +39,7 @@ class Gateway:
     guard: Guard | None = None  # None when no budgets are configured
     router: Router | None = None  # None when no routing policy is configured
     cache: ResponseCache | None = None  # None when the cache is turned off
+    pruner: Pruner | None = None  # context pruning (a budget from policy, config or x-thrifty-max-input-tokens)
     reloader: PolicyReloader | None = None  # with router: hot reload, versions and the admin API
     health: Health = field(default_factory=lambda: Health(()))  # breakers and latency per model (BackendState)
     upstream: Upstream | None = None  # the upstream stage (retries, fallbacks, cascade); built at start-up

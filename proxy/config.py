@@ -138,6 +138,7 @@ class BudgetsConfig:
 
 
 CACHE_SCOPES = ("team", "key")
+CACHE_MODES = ("exact", "semantic", "off")
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,11 @@ class CacheConfig:
     timeout_seconds: float = 0.1  # a slower Redis answer counts as a miss
     memory_entries: int = 10_000  # the in-process store's bounds
     memory_bytes: int = 64 * 1024 * 1024
+    # exact | semantic (exact first, then by embedding) | off; a routing rule's cache.mode overrides it.
+    mode: str = "exact"
+    threshold: float | None = None  # semantic: least cosine similarity served; None: semantic_key.DEFAULT_THRESHOLD
+    embedder: str = "local"  # "local" (all-MiniLM-L6-v2 in process) or a configured model's name (/v1/embeddings)
+    semantic_max_per_tenant: int = 50_000  # entries per tenant in the semantic index, least recently used evicted
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,7 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
     server = _server(doc, data.get("server", {}))
     prices = _prices(doc, data.get("prices", {}))
     budgets = _budgets(doc, data.get("budgets", {}))
-    cache = _cache(doc, data.get("cache", {}))
+    cache = _cache(doc, data.get("cache", {}), {m.name for m in models})
     upstream = _upstream(doc, data.get("upstream", {}))
     return Settings(
         models=models,
@@ -348,9 +354,10 @@ def _budgets(doc: Document, data: Any) -> BudgetsConfig:
     return BudgetsConfig(redis_url=redis_url, redis_cluster=cluster, limits=tuple(limits.values()))
 
 
-def _cache(doc: Document, data: Any) -> CacheConfig:
+def _cache(doc: Document, data: Any, models: set[str]) -> CacheConfig:
     keys = {"enabled", "redis_url", "redis_cluster", "ttl_seconds", "scope", "max_entry_bytes", "timeout_seconds"}
-    data = read_section(doc, ("cache",), data, keys | {"memory_entries", "memory_bytes"})
+    semantic = {"mode", "threshold", "embedder", "semantic_max_per_tenant"}
+    data = read_section(doc, ("cache",), data, keys | semantic | {"memory_entries", "memory_bytes"})
     base = CacheConfig()
     redis_url = read_str(doc, ("cache", "redis_url"), data.get("redis_url")) or None
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -371,7 +378,29 @@ def _cache(doc: Document, data: Any) -> CacheConfig:
         timeout_seconds=read_seconds(doc, ("cache", "timeout_seconds"), data.get("timeout_seconds", base.timeout_seconds)),
         memory_entries=read_int(doc, ("cache", "memory_entries"), data.get("memory_entries", base.memory_entries), 1),
         memory_bytes=read_int(doc, ("cache", "memory_bytes"), data.get("memory_bytes", base.memory_bytes), 1024),
+        **_semantic_cache(doc, data, models),
     )
+
+
+def _semantic_cache(doc: Document, data: dict[str, Any], models: set[str]) -> dict[str, Any]:
+    base = CacheConfig()
+    mode = read_str(doc, ("cache", "mode"), data.get("mode", base.mode))
+    if mode not in CACHE_MODES:
+        raise doc.error(("cache", "mode"), f"must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
+    threshold = data.get("threshold")
+    number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
+    if threshold is not None and (not number or not 0 < threshold <= 1):
+        raise doc.error(("cache", "threshold"), "must be a cosine similarity in (0, 1]")
+    embedder = read_str(doc, ("cache", "embedder"), data.get("embedder", base.embedder), required=True)
+    if embedder != "local" and embedder not in models:
+        raise doc.error(("cache", "embedder"), f'must be "local" or a model configured under models:, not {embedder!r}')
+    cap = data.get("semantic_max_per_tenant", base.semantic_max_per_tenant)
+    return {
+        "mode": mode,
+        "threshold": None if threshold is None else float(threshold),
+        "embedder": embedder,
+        "semantic_max_per_tenant": read_int(doc, ("cache", "semantic_max_per_tenant"), cap, 1),
+    }
 
 
 def _budget_limit(doc: Document, path: yamlsource.Path, item: Any) -> BudgetLimit:

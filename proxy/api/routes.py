@@ -175,7 +175,7 @@ async def _relay(
 
 async def _answer_cached(request: web.Request, gateway: Gateway, exchange: Exchange, hit: Entry) -> web.StreamResponse:
     """A cache hit: the stored answer (replayed as a stream if one was asked for), at no cost."""
-    exchange.cache, exchange.usage = "exact", hit.usage
+    exchange.cache, exchange.usage = exchange.cache, hit.usage
     if hit.usage is None:
         exchange.streamed_text = wire.reply_texts(response_body(hit))
         await gateway.ledger.count(exchange)
@@ -184,7 +184,7 @@ async def _answer_cached(request: web.Request, gateway: Gateway, exchange: Excha
     headers = {
         "x-request-id": exchange.request_id,
         "x-thrifty-model": exchange.target.name,
-        "x-thrifty-cache": "exact",
+        "x-thrifty-cache": exchange.cache,
         "x-thrifty-cost-usd": usd(priced.cost),
         "x-thrifty-savings-usd": usd(priced.net_savings),
     }

@@ -342,3 +342,62 @@ def test_an_open_circuit_sends_requests_straight_to_the_fallback_and_a_probe_clo
         raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
         assert raw.headers["x-thrifty-model"] == "gpt-4o-mini"
     assert models_asked(fake) == ["gpt-4o-mini", "gpt-4o-mini"]  # closed again
+
+
+def test_a_killed_local_backend_fails_over_with_no_client_error_and_its_probe_brings_it_back(
+    start_gateway: Callable[[Settings], ThreadServer], fake: FakeUpstream, routed: Settings, tmp_path: Path
+) -> None:
+    local_fake = FakeUpstream()
+    local = ThreadServer(local_fake.app).start()
+    port = local.port
+    policy = tmp_path / "local.yaml"
+    policy.write_text("rules:\n  - name: local-first\n    match: {model: auto}\n    action: {target: [local, gpt-4o]}\n")
+    model = ModelConfig("local", "llamacpp", f"{local.url}/v1", timeouts=Timeouts(connect=1, first_byte=5, total=30))
+    probing = replace(routed.upstream, probe_interval=0.1, breaker_failures=2)
+    gateway = start_gateway(replace(routed, models=(*routed.models, model), policies=str(policy), upstream=probing))
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=30) as client:
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert raw.headers["x-thrifty-model"] == "local"
+        local.stop()  # killed: connection refused from now on
+        served = []
+        for _ in range(5):
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+            served.append(raw.headers["x-thrifty-model"])
+            with client.chat.completions.with_streaming_response.create(model="auto", messages=MESSAGES, stream=True) as response:
+                text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+                assert text == "echo: hello there"
+                served.append(response.headers["x-thrifty-model"])
+        assert served == ["gpt-4o"] * 10
+        time.sleep(0.3)  # the probe has seen it down: no more calls to it at all
+        last = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert ledger(routed, last.headers["x-request-id"])["attempts"] == 1
+        revived = ThreadServer(local_fake.app)
+        revived_on(revived, port)
+        try:
+            deadline = time.monotonic() + 5
+            while (
+                client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES).headers["x-thrifty-model"]
+                != "local"
+            ):
+                assert time.monotonic() < deadline, "the revived backend was never used again"
+                time.sleep(0.1)
+        finally:
+            revived.stop()
+
+
+def revived_on(server: ThreadServer, port: int) -> None:
+    """Start ``server`` on a given port (the backend restarted where it was)."""
+
+    async def serve() -> None:
+        server._stop = asyncio.Event()
+        server.app = server._make_app()
+        runner = web.AppRunner(server.app, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        server.port = port
+        server._ready.set()
+        await server._stop.wait()
+        await runner.cleanup()
+
+    server._serve = serve  # type: ignore[method-assign]
+    server.start()

@@ -1,0 +1,1 @@
+"""Context management: pruning a conversation to a token budget and summarizing what is dropped."""
