@@ -1,23 +1,40 @@
 """Routing end to end: a real gateway with a policy, the official OpenAI SDK, a fake upstream
-that records which model it was asked for, and the SQLite ledger."""
+that records which model it was asked for, and the SQLite ledger; budget-state routing with
+the real guard on a real Redis; the router handing health, prices and the task class to the
+engine."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
+import redis
 
-from proxy.config import ModelConfig, Settings
+from proxy.app_state import GATEWAY
+from proxy.config import BudgetLimit, ModelConfig, Settings
+from proxy.cost.prices import Price
 from proxy.errors import ConfigError
-from proxy.pipeline.route import load_router
+from proxy.pipeline.auth import Principal
+from proxy.pipeline.route import blended_prices, load_router
 from proxy.policy.loader import load_policy
+from tests.api.conftest import wait_until
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, settings_for
 from tests.fake_upstream import FakeUpstream
+from tests.pipeline.test_guard import HI, budgeted, client_for
 from tests.pipeline.test_ledger_e2e import record_of
 from tests.servers import ThreadServer
+from tests.services import redis_url  # noqa: F401
+
+PRICES = {
+    "tiny": Price(Decimal("0.2"), Decimal("1.4"), Decimal("0.2"), "config"),
+    "big": Price(Decimal(2), Decimal(14), Decimal(2), "litellm"),
+}
 
 POLICY = """\
 version: e2e
@@ -132,3 +149,95 @@ async def test_a_request_no_target_can_serve_is_refused_with_the_reasons(tmp_pat
     plain = parse_chat(b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}')
     routed = await router.route(exchange, plain, {})
     assert (routed.model, exchange.route) == ("tiny", "local")
+
+
+# --- the state of the world: budget spend (real guard, real Redis), backend health, prices ---
+
+BUDGET_POLICY = """\
+rules:
+  - name: over-budget
+    match: {model: auto, budget: {above: 0.5, scope: team}}
+    action: {target: gpt-4o-mini}
+  - name: normal
+    match: {model: auto}
+    action: {target: gpt-4o}
+"""
+
+
+@pytest.fixture
+def team(redis_url: str) -> Iterator[str]:  # noqa: F811
+    name = "route-" + secrets.token_hex(4)
+    yield name
+    with redis.Redis.from_url(redis_url) as r:
+        for key in r.scan_iter(match=f"thrifty:budget:{{team:{name}}}*"):
+            r.delete(key)
+
+
+def test_a_team_over_half_its_budget_is_routed_to_the_cheap_model_counting_other_replicas_spend(
+    start_gateway: Callable[[Settings], ThreadServer],
+    upstream: tuple[FakeUpstream, ThreadServer],
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811
+    team: str,
+) -> None:
+    policy = tmp_path / "budget.yaml"
+    policy.write_text(BUDGET_POLICY, encoding="utf-8")
+    limits = (BudgetLimit("team", team, "daily", None, 100_000_000),)  # $0.10 a day
+    settings = replace(budgeted(settings_for(upstream[1].url, tmp_path), redis_url), policies=str(policy))
+    settings = replace(settings, budgets=replace(settings.budgets, limits=limits))
+    gateway = start_gateway(settings)
+    guard = gateway.app[GATEWAY].guard  # type: ignore[index]
+    principal = Principal("k", team, None, "user")
+    with client_for(gateway, team) as client:
+
+        def route_of() -> str:
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=HI, max_tokens=5)  # type: ignore[arg-type]
+            assert wait_until(lambda: guard.settling == 0)
+            return str(raw.headers["x-thrifty-route"])
+
+        assert guard.spend_share(principal, "team") is None  # nothing seen yet: a budget rule does not match
+        assert route_of() == "normal"  # $0.006 at gpt-4o's configured price
+        assert guard.spend_share(principal, "team") == pytest.approx(0.06)
+        with redis.Redis.from_url(redis_url) as r:  # another replica spends $0.05 meanwhile
+            [key] = [k for k in r.scan_iter(match=f"thrifty:budget:{{team:{team}}}:daily:*") if not k.endswith(b":holds")]
+            r.hincrby(key, "spent", 50_000_000)
+        assert route_of() == "normal"  # this process has not read the counter since: still 6%
+        assert guard.spend_share(principal, "team") == pytest.approx(0.62)  # the reservation read 56%, plus 6%
+        assert route_of() == "over-budget"
+    assert [r.payload["model"] for r in upstream[0].requests] == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
+
+
+async def test_the_router_hands_health_prices_and_the_task_class_to_the_engine(tmp_path: Path) -> None:
+    from proxy.api.wire import parse_chat
+    from proxy.pipeline.exchange import Exchange
+    from tests.policy.test_engine import FakeBackends
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "rules:\n"
+        "  - {name: code, match: {task_class: code}, action: {cheapest: [big, tiny], cache: {mode: exact, ttl: 1h}}}\n"
+        "  - {name: rest, action: {target: [tiny, big]}}\n",
+        encoding="utf-8",
+    )
+    models = [ModelConfig(n, "openai-compatible", "http://127.0.0.1:9/v1") for n in ("tiny", "big")]
+    backends = FakeBackends(down={"tiny"})
+    router = await load_router(str(policy), models, backends=backends)
+    assert router is not None
+    router.attach(prices=blended_prices(["tiny", "big"], lambda m: PRICES[m]))
+    assert router.prices == {"tiny": 0.5, "big": 5.0}
+
+    async def route(text: str) -> Exchange:
+        exchange = Exchange("req-1", "chat/completions")
+        body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": text}]})
+        await router.route(exchange, parse_chat(body), {})
+        return exchange
+
+    coded = await route("Fix this Python function: def f(x): return x +")
+    assert coded.features is not None and coded.features.task_class == "code"
+    assert coded.decision is not None and (coded.decision.model, coded.decision.fallbacks) == ("big", ("tiny",))  # tiny is down
+    assert coded.decision.cache is not None and coded.decision.cache.ttl_seconds == 3600
+    backends.down.clear()
+    coded = await route("Fix this Python function: def f(x): return x +")
+    assert coded.decision is not None and coded.decision.model == "tiny"  # up again, and the cheaper
+    plain = await route("hello!")
+    assert plain.route == "rest" and plain.features is not None and plain.features.task_class == "chat"
