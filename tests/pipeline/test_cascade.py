@@ -264,3 +264,25 @@ def test_a_cheap_model_that_errors_escalates_too(sdk: Start, fake: FakeUpstream,
     assert raw.headers["x-thrifty-model"] == LARGE
     row = record(routed, raw.headers["x-request-id"])
     assert (row["cascade"], row["overhead_nusd"], row["attempts"]) == ("escalated: error", 0, 2)
+
+
+def test_a_cascade_written_in_the_policy_runs_end_to_end(
+    start_gateway: Callable[[Settings], ThreadServer], fake: FakeUpstream, routed: Settings, tmp_path: Path
+) -> None:
+    policy = tmp_path / "cascade.yaml"
+    policy.write_text(
+        "rules:\n"
+        "  - name: try-small\n"
+        "    match: {model: auto}\n"
+        "    action: {cascade: {try: gpt-4o-mini, then: gpt-4o, checks: [empty, refusal], min_chars: 3}}\n"
+    )
+    gateway = start_gateway(replace(routed, policies=str(policy)))
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=30) as client:
+        cheap_says(fake, "As an AI language model, I cannot do arithmetic.")
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert (raw.headers["x-thrifty-model"], raw.headers["x-thrifty-route"]) == (LARGE, "try-small")
+        assert record(routed, raw.headers["x-request-id"])["cascade"] == "escalated: refusal"
+        cheap_says(fake, "Four.")
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert raw.headers["x-thrifty-model"] == CHEAP
+        assert record(routed, raw.headers["x-request-id"])["cascade"] == "accepted"
