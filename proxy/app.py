@@ -30,7 +30,7 @@ from proxy.pipeline.auth import Authenticator
 from proxy.pipeline.cache import open_cache, open_semantic, semantic_wanted
 from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
-from proxy.pipeline.route import load_router
+from proxy.pipeline.route import blended_prices, load_router
 from proxy.pipeline.upstream import Upstream
 from proxy.policy.reload import PolicyReloader
 from proxy.policy.store import PolicyStore
@@ -73,7 +73,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             health = Health(models, settings.upstream)
             health.start(session)  # probes local backends in the background
             stack.push_async_callback(health.close)
-            router = await load_router(settings.policies, models)  # invalid: the start fails, nothing half-applied
+            router = await load_router(settings.policies, models, backends=health)  # invalid: the start fails
             reloader = None
             if router is not None and settings.policies is not None:
                 reloader = PolicyReloader(settings.policies, models, router, PolicyStore(db))
@@ -83,6 +83,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             ledger = await _ledger(settings, db, {m.name: m for m in models})
             stack.push_async_callback(ledger.close)
             guard = await open_guard(settings.budgets, models)
+            if router is not None:  # prices for "cheapest", spend shares for "budget" (built after the router)
+                router.attach(prices=blended_prices([m.name for m in models], ledger.price_of), spend=guard)
             if guard is not None:
                 stack.push_async_callback(guard.close)  # settles still running, then Redis closes
             cache = open_cache(settings.cache)
