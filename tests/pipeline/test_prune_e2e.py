@@ -259,7 +259,7 @@ def test_summaries_are_shared_through_redis(
     first, _ = start(PruneConfig(summarizer="slm"), cache=cache, **slm_settings)
     second, _ = start(PruneConfig(summarizer="slm"), cache=cache, **slm_settings)  # another replica
     messages = conversation(100)
-    messages[1] = {"role": "user", "content": f"conversation {uuid.uuid4()}"}  # a prefix no earlier run summarized
+    messages[3] = {"role": "user", "content": f"Conversation {uuid.uuid4()}."}  # a dropped run no earlier test summarized
     ask(first, messages, {"x-thrifty-max-input-tokens": "1500"})
     assert _summary_calls(fake) == 1
     client = redis.Redis.from_url(redis_url)
