@@ -30,6 +30,7 @@ from proxy.pipeline.auth import Authenticator
 from proxy.pipeline.cache import open_cache, open_semantic, semantic_wanted
 from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
+from proxy.pipeline.prune import open_pruner
 from proxy.pipeline.route import blended_prices, load_router
 from proxy.pipeline.upstream import Upstream
 from proxy.policy.reload import PolicyReloader
@@ -80,7 +81,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 await reloader.start()
                 stack.push_async_callback(reloader.close)
             keys = KeyStore(db)
-            ledger = await _ledger(settings, db, {m.name: m for m in models})
+            counter = TokenCounter()  # one per process: each loaded encoding holds 30 to 70 MB
+            ledger = await _ledger(settings, db, {m.name: m for m in models}, counter)
             stack.push_async_callback(ledger.close)
             guard = await open_guard(settings.budgets, models)
             if router is not None:  # prices for "cheapest", spend shares for "budget" (built after the router)
@@ -92,6 +94,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 stack.push_async_callback(cache.close)  # stores still running, then Redis closes
                 if semantic_wanted(settings.cache, router.policy if router is not None else None):
                     await open_semantic(cache, {m.name: m for m in models}, session, ledger.price_of)  # embedder, warm start
+            pruner = await open_pruner(settings.prune, models, providers, counter, ledger.price_of, cache, settings.cache)
+            stack.push_async_callback(pruner.close)  # before the cache's store closes
             gateway = Gateway(
                 settings=settings,
                 db=db,
@@ -107,6 +111,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 cache=cache,
                 health=health,
                 reloader=reloader,
+                pruner=pruner,
             )
             gateway.upstream = Upstream(providers, gateway.models, health, settings.upstream, ledger.price_of)
             app[GATEWAY] = gateway
@@ -127,7 +132,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     return app
 
 
-async def _ledger(settings: Settings, db: Database, models: dict[str, ModelConfig]) -> Ledger:
+async def _ledger(settings: Settings, db: Database, models: dict[str, ModelConfig], counter: TokenCounter) -> Ledger:
     litellm_prices = await asyncio.to_thread(load_litellm_prices)
     prices = PriceTable(litellm_prices, overrides_from_config(settings.prices))
     counter = TokenCounter()

@@ -175,6 +175,30 @@ class UpstreamConfig:
     probe_interval: float = 5.0  # seconds between GET {base_url}/models of local backends; 0: off
 
 
+PRUNE_SUMMARY_ROLES = ("system", "user")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Context pruning (``prune:``): the default for requests no routing rule gives prune settings.
+
+    No ``max_input_tokens`` / ``context_share`` here means no pruning unless a rule sets a budget
+    or the request sends ``x-thrifty-max-input-tokens``; the other keys apply to every pruned request.
+    """
+
+    max_input_tokens: int | None = None
+    context_share: float | None = None  # a share (0..1] of the target model's context window
+    keep_last: int = 6
+    summarize: bool = True
+    summarizer: str = "extractive"  # "extractive" or a configured model name (a local SLM)
+    summary_tokens: int = 300
+    summary_role: str = "system"
+    summary_timeout_seconds: float = 10.0
+    summary_input_tokens: int = 1200  # how much of the dropped turns a model summarizer is shown
+    tool_output_tokens: int = 1000
+    allow_opt_out: bool = True
+
+
 @dataclass(frozen=True)
 class Settings:
     models: tuple[ModelConfig, ...] = ()
@@ -185,6 +209,7 @@ class Settings:
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     source: str | None = None
     # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
     discover_local: bool = False
@@ -245,7 +270,7 @@ def zero_config(env: Mapping[str, str]) -> Settings:
     return Settings(models=tuple(models), auth=auth, discover_local=True)
 
 
-_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache", "upstream"}
+_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache", "upstream", "prune"}
 
 
 def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
@@ -263,6 +288,7 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
     budgets = _budgets(doc, data.get("budgets", {}))
     cache = _cache(doc, data.get("cache", {}), {m.name for m in models})
     upstream = _upstream(doc, data.get("upstream", {}))
+    prune = _prune(doc, data.get("prune", {}), {m.name for m in models})
     return Settings(
         models=models,
         auth=auth,
@@ -272,7 +298,51 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
         budgets=budgets,
         cache=cache,
         upstream=upstream,
+        prune=prune,
         source=doc.source,
+    )
+
+
+def _prune(doc: Document, data: Any, models: set[str]) -> PruneConfig:
+    base = PruneConfig()
+    data = read_section(doc, ("prune",), data, set(PruneConfig.__dataclass_fields__))
+
+    def path(key: str) -> yamlsource.Path:
+        return ("prune", key)
+
+    for flag in ("summarize", "allow_opt_out"):
+        if not isinstance(data.get(flag, True), bool):
+            raise doc.error(path(flag), "must be true or false")
+    share = data.get("context_share")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1):
+        raise doc.error(path("context_share"), "must be a number in (0, 1]")
+    if share is not None and data.get("max_input_tokens") is not None:
+        raise doc.error(path("context_share"), "give max_input_tokens or context_share, not both")
+    summarizer = read_str(doc, path("summarizer"), data.get("summarizer", base.summarizer), required=True)
+    if summarizer != "extractive" and summarizer not in models:
+        raise doc.error(path("summarizer"), f"must be extractive or a configured model name, not {summarizer!r}")
+    role = read_str(doc, path("summary_role"), data.get("summary_role", base.summary_role), required=True)
+    if role not in PRUNE_SUMMARY_ROLES:
+        raise doc.error(path("summary_role"), f"must be one of {', '.join(PRUNE_SUMMARY_ROLES)}, not {role!r}")
+    budget = data.get("max_input_tokens")
+
+    def number(key: str, low: int) -> int:
+        return read_int(doc, path(key), data.get(key, getattr(base, key)), low)
+
+    return PruneConfig(
+        max_input_tokens=None if budget is None else read_int(doc, path("max_input_tokens"), budget, 64),
+        context_share=None if share is None else float(share),
+        keep_last=number("keep_last", 0),
+        summarize=data.get("summarize", base.summarize),
+        summarizer=summarizer,
+        summary_tokens=number("summary_tokens", 32),
+        summary_role=role,
+        summary_timeout_seconds=read_seconds(
+            doc, path("summary_timeout_seconds"), data.get("summary_timeout_seconds", base.summary_timeout_seconds)
+        ),
+        summary_input_tokens=number("summary_input_tokens", 64),
+        tool_output_tokens=number("tool_output_tokens", 32),
+        allow_opt_out=data.get("allow_opt_out", base.allow_opt_out),
     )
 
 

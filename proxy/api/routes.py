@@ -93,6 +93,7 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
         hit = await gateway.cache.lookup(plan)
         if hit is not None:
             return await _answer_cached(request, gateway, exchange, hit)
+    parsed = await gateway.pruner.prune(exchange, parsed, request.headers) if gateway.pruner else parsed
     ticket = await gateway.guard.admit(exchange, gateway.ledger.price_of(target.name)) if gateway.guard else None
     if ticket is not None:
         request[_BUDGET] = ticket
