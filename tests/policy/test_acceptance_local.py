@@ -1,9 +1,12 @@
 """Issue 4's acceptance, end to end: a real llama.cpp server with Gemma 3 270M (tests/llama.py) as
 the local backend, the fake upstream as the large cloud model, a real gateway and the official
-OpenAI SDK. A simple request is served locally; a request with tools goes to the large model."""
+OpenAI SDK. A simple request is served locally; a request with tools goes to the large model; a
+local backend killed (a private llama.cpp server, SIGKILL) fails over to the large model with no
+client error, and a stream it was already sending ends with an error event, never a clean end."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -101,3 +104,98 @@ def test_a_hard_request_goes_to_the_large_model(sdk: openai.OpenAI, fake: FakeUp
     assert (raw.headers["x-thrifty-model"], raw.headers["x-thrifty-route"]) == ("gpt-4o", "auto-hard")
     assert raw.parse().choices[0].message.content == "echo: Prove it step by step: 2 + 2 = 4."
     assert [r.payload["model"] for r in fake.requests] == ["gpt-4o"]
+
+
+FAILOVER_POLICY = """\
+version: failover
+rules:
+  - name: local-first
+    match: {model: auto}
+    action: {target: [gemma, gpt-4o]}
+"""
+
+
+@pytest.fixture
+def doomed(llama_server: LlamaServer) -> Iterator[LlamaServer]:
+    """A private llama.cpp server for a test to kill (the session's one stays up for the others)."""
+    server = LlamaServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def failover(
+    doomed: LlamaServer,
+    upstream: tuple[FakeUpstream, ThreadServer],
+    tmp_path: Path,
+    start_gateway: Callable[[Settings], ThreadServer],
+) -> Iterator[tuple[openai.OpenAI, Settings]]:
+    policy = tmp_path / "failover.yaml"
+    policy.write_text(FAILOVER_POLICY, encoding="utf-8")
+    base = settings_for(upstream[1].url, tmp_path)
+    settings = replace(base, models=(local_model(doomed), *base.models), policies=str(policy))
+    gateway = start_gateway(settings)
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=60) as client:
+        yield client, settings
+
+
+def ask(client: openai.OpenAI, text: str, max_tokens: int = 4) -> tuple[str, str, str]:
+    """(the model that served, the request id, the answer) of one plain request to ``auto``."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": text}], max_tokens=max_tokens
+    )
+    content = raw.parse().choices[0].message.content or ""
+    return raw.headers["x-thrifty-model"], raw.headers["x-request-id"], content
+
+
+def test_a_killed_local_backend_fails_over_with_no_client_error(
+    failover: tuple[openai.OpenAI, Settings], doomed: LlamaServer, fake: FakeUpstream
+) -> None:
+    client, settings = failover
+    assert ask(client, "Name a colour.")[0] == "gemma" and fake.requests == []
+    # Killed in the middle of generating a plain answer (64 tokens take about 2 s on 2 cores).
+    threading.Timer(0.7, doomed.kill).start()
+    served, request_id, content = ask(client, "Tell me a long story.", max_tokens=64)
+    assert not doomed.running
+    assert (served, content) == ("gpt-4o", "echo: Tell me a long story.")
+    record = record_of(ledger_path(settings), request_id)
+    assert (record["served_model"], record["status"], record["route"]) == ("gpt-4o", 200, "local-first")
+    assert record["attempts"] >= 2  # gemma (cut off, then refused), then gpt-4o
+    # Dead from the start: plain and streamed requests are served by the next target.
+    assert ask(client, "Name a fruit.")[:1] == ("gpt-4o",)
+    with client.chat.completions.with_streaming_response.create(
+        model="auto", messages=[{"role": "user", "content": "Name a tree."}], max_tokens=4, stream=True
+    ) as response:
+        assert response.headers["x-thrifty-model"] == "gpt-4o"
+        text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+    assert text == "echo: Name a tree."
+    # Consecutive failures open gemma's circuit: later requests go straight to gpt-4o.
+    attempts = []
+    for i in range(6):
+        served, request_id, _ = ask(client, f"Count to {i}.")
+        assert served == "gpt-4o"
+        attempts.append(record_of(ledger_path(settings), request_id)["attempts"])
+    assert attempts[-3:] == [1, 1, 1], attempts
+
+
+def test_a_local_backend_killed_mid_stream_ends_the_stream_with_an_error(
+    failover: tuple[openai.OpenAI, Settings], doomed: LlamaServer
+) -> None:
+    client, settings = failover
+    pieces = []
+    with client.chat.completions.with_streaming_response.create(
+        model="auto", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=64, stream=True
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        with pytest.raises(openai.APIError):
+            for chunk in response.parse():
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+                    if len(pieces) == 3:
+                        doomed.kill()  # bytes already reached the client: no fallback, an error event instead
+    assert 3 <= len(pieces) < 64
+    record = record_of(ledger_path(settings), request_id)
+    assert (record["served_model"], record["status"], record["error_code"]) == ("gemma", 502, "upstream_unavailable")
+    assert record["usage_source"] == "counted" and record["completion_tokens"] > 0  # what was relayed is recorded
