@@ -347,3 +347,31 @@ def test_shadowing_with_the_new_conditions(earlier: str, later: str, shadowed: b
         assert "rule 'b' is shadowed: the earlier rule 'a' (line 2)" in error_of(text)
     else:
         assert len(parse(text).rules) == 2
+
+
+def shipped_examples() -> list[str]:
+    """Each commented example rule of policies/default.yaml, uncommented."""
+    text = (ROOT / "policies" / "default.yaml").read_text(encoding="utf-8")
+    tail = text[text.index("# Examples for common needs") :].splitlines()
+    examples: list[list[str]] = []
+    for line in tail:
+        if line.startswith("#  - name:"):
+            examples.append([])
+        if examples and (line.startswith("#  ") or line == "#"):
+            examples[-1].append(line[1:])
+    return ["\n".join(lines) for lines in examples]
+
+
+def test_every_commented_example_in_the_shipped_policy_is_valid() -> None:
+    text = (ROOT / "policies" / "default.yaml").read_text(encoding="utf-8")
+    aliases = text[text.index("aliases:") : text.index("rules:")]
+    names = ("gpt-4o", "gpt-4o-mini", "claude-haiku-4-5", "claude-sonnet-4-5", "gemma")
+    models = tuple(ModelConfig(n, "llamacpp" if n == "gemma" else "openai", DEFAULT_BASE_URLS["openai"]) for n in names)
+    examples = shipped_examples()
+    assert len(examples) >= 15
+    for example in examples:
+        policy = parse_policy(f"{aliases}rules:\n{example}\n", "example.yaml", models)
+        assert len(policy.rules) == 1 and policy.rules[0].action.arms, example
+    kinds = " ".join(examples)
+    for feature in ("cascade:", "cheapest:", "fastest:", "budget:", "health:", "cache:", "prune:", "split:", "task_class:"):
+        assert feature in kinds
