@@ -1,4 +1,4 @@
-"""The ``thrifty`` command: serve, keys create / list / revoke, report, and policy check / explain.
+"""The ``thrifty`` command: serve, keys create / list / revoke, report, and policy check / explain / simulate.
 
 A bad argument or a bad configuration file prints one line (``thrifty: error: ...``) and
 exits with code 2, never a traceback; ``--help`` on any command says the rest.

@@ -1,4 +1,4 @@
-"""``thrifty policy check PATH`` and ``thrifty policy explain --request FILE [--policy PATH]``.
+"""``thrifty policy check PATH``, ``explain --request FILE [--policy PATH]`` and ``simulate PATH [--since 30d]``.
 
 Wired into ``proxy.cli`` by :func:`add_policy_parser` and :func:`run_policy`. ``check``
 validates a policy against the models of the configuration (``--config``) and exits 0, or
@@ -6,14 +6,21 @@ prints one line, ``thrifty: error: FILE:LINE: key: what is wrong``, and exits 2.
 ``explain`` says which rule a request would take and why each earlier rule did not. The
 request file is a chat completion body as JSON, or ``{"body": {...}, "key": ..., "team":
 ..., "app": ..., "tags": {...}, "headers": {...}, "request_id": ...}`` to stand in for who
-sends it.
+sends it. ``simulate`` reads the ledger (the configuration's ``ledger.url``) in pages,
+ordered by time, replays it through the candidate (``proxy.policy.simulate``) and prints
+the projection as a table or JSON, with a progress bar on stderr when that is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import re
+import sys
 import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +34,12 @@ from proxy.policy.engine import evaluate
 from proxy.policy.features import extract, with_tokens
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Decision, Features, Policy
+from proxy.policy.simulate import COLUMNS, Record, Simulation, render_table
 
 _EPILOG = """examples:
   thrifty policy check policies/default.yaml --config thrifty.yaml
   thrifty policy explain --request req.json --policy policies/default.yaml
+  thrifty policy simulate policies/candidate.yaml --since 30d --config thrifty.yaml
 """
 
 
@@ -46,7 +55,13 @@ def add_policy_parser(subparsers: Any) -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="which rule a request takes, and why earlier rules do not")
     explain.add_argument("--request", required=True, metavar="FILE", help="a chat completion request body (JSON)")
     explain.add_argument("--policy", metavar="PATH", help="the policy file (default: the configuration's policies:)")
-    for sub in (check, explain):
+    simulate = commands.add_parser("simulate", help="replay the recorded ledger through a candidate policy: projected cost")
+    simulate.add_argument("path", metavar="PATH", help="the candidate policy YAML file")
+    simulate.add_argument(
+        "--since", type=parse_since, default="30d", help="how far back: 30d, 12h, 90m or an ISO date (default 30d)"
+    )
+    simulate.add_argument("--format", choices=("table", "json"), default="table")
+    for sub in (check, explain, simulate):
         sub.add_argument("--config", metavar="FILE", help="YAML configuration naming the models (default: $THRIFTY_CONFIG)")
     return policy
 
@@ -57,6 +72,8 @@ def run_policy(settings: Settings, args: argparse.Namespace) -> int:
         policy = load_policy(args.path, settings.models)
         print(_summary(policy))
         return 0
+    if args.policy_command == "simulate":
+        return asyncio.run(_simulate(settings, args))
     path = args.policy or settings.policies
     if path is None:
         raise ConfigError("no policy to explain: pass --policy PATH or set policies: in the configuration")
@@ -135,3 +152,68 @@ def _explanation(policy: Policy, f: Features, decision: Decision) -> str:
         cap = f"; max_tokens capped at {decision.max_tokens}" if decision.max_tokens else ""
         lines.append(f"-> rule {decision.rule!r}{line} matched: routed to {decision.model}{tail}{cap}")
     return "\n".join(lines)
+
+
+_SPAN = re.compile(r"(\d+)([dhm])")
+_SECONDS = {"d": 86400, "h": 3600, "m": 60}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``30d``, ``12h``, ``90m`` (back from now) or an ISO date or time (UTC unless it says) to epoch seconds."""
+    now = time.time() if now is None else now
+    span = _SPAN.fullmatch(text.strip())
+    if span:
+        return now - int(span[1]) * _SECONDS[span[2]]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--since takes 30d, 12h, 90m or an ISO date like 2026-01-31, not {text!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from proxy.cost.prices import PriceTable, load_litellm_prices, overrides_from_config
+    from proxy.storage.database import open_database
+
+    policy = load_policy(args.path, settings.models)
+    table = PriceTable(load_litellm_prices(), overrides_from_config(settings.prices))
+    sim = Simulation(policy, capabilities_for(settings.models), {m.name: table.for_model(m) for m in settings.models})
+    since: float = args.since  # argparse ran parse_since, on the default too
+    db = await open_database(settings.ledger.url)
+    try:
+        counted = await db.fetch("SELECT COUNT(*) FROM ledger WHERE endpoint = 'chat/completions' AND ts >= ?", since)
+        bar = tqdm(total=int(counted[0][0]), unit="req", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+        with bar:
+            async for page in _pages(db, since):
+                for row in page:
+                    sim.add(Record.of(row))
+                bar.update(len(page))
+    finally:
+        await db.close()
+    report = sim.report()
+    window = f"since {datetime.fromtimestamp(since, UTC).strftime('%Y-%m-%d %H:%M')} UTC"
+    if args.format == "json":
+        print(json.dumps({"window": {"since": datetime.fromtimestamp(since, UTC).isoformat()}, **report}, indent=2))
+    else:
+        print(render_table(report, window))
+    return 0
+
+
+async def _pages(db: Any, since: float, size: int = 2000) -> AsyncIterator[list[Any]]:
+    """Chat records since ``since`` in (ts, id) order, a page at a time (keyset: no OFFSET scans)."""
+    after: tuple[Any, Any] | None = None
+    while True:
+        where, args = "ts >= ?", [since]
+        if after is not None:
+            where, args = "(ts > ? OR (ts = ? AND id > ?))", [after[0], after[0], after[1]]
+        rows = await db.fetch(
+            f"SELECT {COLUMNS} FROM ledger WHERE endpoint = 'chat/completions' AND {where} ORDER BY ts, id LIMIT ?", *args, size
+        )
+        if not rows:
+            return
+        yield rows
+        if len(rows) < size:
+            return
+        after = (rows[-1][1], rows[-1][0])
