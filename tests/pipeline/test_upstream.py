@@ -1,4 +1,4 @@
-"""The upstream stage: retries, fallbacks, circuit breakers and timeouts.
+"""The upstream stage: retries, fallbacks, circuit breakers and timeouts (connect, first byte, total).
 
 Pure parts (backoff, retry decisions, the retry budget) directly; the rest end to end: a real
 gateway with a fallback policy, the official OpenAI SDK, a fake upstream told to fail in
@@ -9,6 +9,7 @@ count every call made."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -401,3 +402,39 @@ def revived_on(server: ThreadServer, port: int) -> None:
 
     server._serve = serve  # type: ignore[method-assign]
     server.start()
+
+
+@pytest.fixture
+def unaccepting_port() -> Iterator[int]:
+    """A port whose accept queue is full: a connection attempt hangs (the SYN is dropped)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # non-blocking: the handshake completes (or not) later
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.05)
+    yield port
+    for s in (*fillers, listener):
+        s.close()
+
+
+def test_a_connect_slower_than_its_timeout_falls_back(
+    start_gateway: Callable[[Settings], ThreadServer], fake: FakeUpstream, routed: Settings, tmp_path: Path, unaccepting_port: int
+) -> None:
+    policy = tmp_path / "connect.yaml"
+    policy.write_text("rules:\n  - name: r\n    match: {model: auto}\n    action: {target: [hung, gpt-4o]}\n")
+    hung = ModelConfig("hung", "openai-compatible", f"http://127.0.0.1:{unaccepting_port}/v1", timeouts=Timeouts(0.3, 5, 30))
+    gateway = start_gateway(replace(routed, models=(*routed.models, hung), policies=str(policy)))
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=30) as client:
+        started = time.monotonic()
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        elapsed = time.monotonic() - started
+    assert raw.headers["x-thrifty-model"] == "gpt-4o"
+    assert 0.3 <= elapsed < 1.0  # the connect timeout, then no retry of a timeout
+    assert (ledger(routed, raw.headers["x-request-id"])["attempts"]) == 2
