@@ -95,7 +95,7 @@ class Router:
             header_names=policy.header_names,
             tags=exchange.tags,
             now=self._clock(),
-            classify=policy.classify,
+            classify=policy.classify and (policy.classify_for is None or payload.get("model") in policy.classify_for),
             budget=budget,
             backends=self.backends,
         )

@@ -22,7 +22,7 @@ import re
 
 CLASSES = ("chat", "code", "math", "reasoning", "extraction", "summarize", "translate", "creative")
 _INDEX = {name: i for i, name in enumerate(CLASSES)}
-_HEAD = 400  # characters read from the start of a long message
+_HEAD = 300  # characters read from the start of a long message
 _TAIL = 200  # and from its end
 _THRESHOLD = 2
 
@@ -79,10 +79,9 @@ _CUES = {
     ),
 }
 
-# Code and arithmetic: substrings first (C speed); the two regexes begin with a character
-# class or a literal, which the regex engine scans for quickly.
-_CODE_MARKS = ("def ", "function", "=>", "const ", "import ", "#include", "();", ";\n", "{\n", "</", "select ", "error:")
-_CODE_CALL = re.compile(r"\.[a-z_]+\(")
+# Code-like syntax and arithmetic: one regex search each (one pass in C over the text), and
+# the math symbols as plain substring tests.
+_CODE_MARKS = re.compile(r"def |function|=>|const |import |#include|\(\);|;\n|\{\n|</|select |error:|\.[a-z_]+\(")
 _MATH_MARKS = ("^", "%", "√", "∫", "∑", "π", "×", "÷")
 _ARITHMETIC = re.compile(r"\d ?[-+*/=] ?[\d(x]")
 _WORD = re.compile(r"[a-z]+")
@@ -127,14 +126,14 @@ def classify(text: str, *, json_mode: bool = False) -> str:
     # comprehension's miss is a few tens of nanoseconds.
     hits = [_WORDS[w] for w in words if w in _WORDS]
     hits += [_PAIRS[p] for a, b in itertools.pairwise(words) if a in _FIRSTS and (p := f"{a} {b}") in _PAIRS]
-    for w, stems in [(w, _STEMS[w[:_STEM]]) for w in words if w[:_STEM] in _STEMS]:
+    for w, stems in [(w, _STEMS[w[:_STEM]]) for w in words if len(w) >= _STEM and w[:_STEM] in _STEMS]:
         hits.append(tuple((cls, weight) for stem, cls, weight in stems if w.startswith(stem)))
     for cues in hits:
         for cls, weight in cues:
             scores[cls] += weight
     if "```" in text:
         scores[1] += 4
-    elif any(mark in lower for mark in _CODE_MARKS) or _CODE_CALL.search(lower) is not None:
+    elif _CODE_MARKS.search(lower) is not None:
         scores[1] += 3
     if any(mark in lower for mark in _MATH_MARKS) or _ARITHMETIC.search(lower) is not None:
         scores[2] += 3

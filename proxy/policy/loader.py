@@ -108,9 +108,22 @@ def parse_policy(text: str, source: str, models: Sequence[ModelConfig]) -> Polic
     version = f"{label}-{digest}" if isinstance(label, str | int) and not isinstance(label, bool) else digest
     conditions = [c for r in rules for c in r.conditions]
     headers = frozenset(name for c in conditions if c.key == "headers" for name, _ in _pairs_of(c))
-    classify = any(c.key == "task_class" for c in conditions)
     scopes = frozenset(c.scope for c in conditions if isinstance(c, BudgetShare))
-    return Policy(tuple(rules), version, source, resolver.resolved, headers, classify, scopes)
+    classify, classify_for = _classify_for(rules)
+    return Policy(tuple(rules), version, source, resolver.resolved, headers, classify, classify_for, scopes)
+
+
+def _classify_for(rules: list[Rule]) -> tuple[bool, frozenset[str] | None]:
+    """Whether to classify requests, and for which requested models only (when every rule that
+    reads the task class also names the model: the shipped policy's ``auto``)."""
+    readers = [r for r in rules if any(c.key == "task_class" for c in r.conditions)]
+    models: set[str] = set()
+    for rule in readers:
+        named = [c for c in rule.conditions if c.key == "model" and isinstance(c, OneOf)]
+        if not named:
+            return True, None
+        models |= named[0].values
+    return bool(readers), frozenset(models) if readers else None
 
 
 def _pairs_of(condition: Condition) -> tuple[tuple[str, frozenset[str]], ...]:

@@ -309,6 +309,7 @@ class Policy:
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # as resolved: configured models only
     header_names: frozenset[str] = frozenset()  # headers some rule looks at (lower-case)
     classify: bool = False  # some rule matches on task_class: classify each request
+    classify_for: frozenset[str] | None = None  # only requests for these models (every task_class rule names them); None: all
     budget_scopes: frozenset[str] = frozenset()  # scopes some budget condition reads ("*": the tightest)
 
     def rule_named(self, name: str) -> Rule | None:

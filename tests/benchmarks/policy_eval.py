@@ -5,11 +5,15 @@ Run on purpose, from the repository root (it is not part of the pytest suite):
     .venv/bin/python -m tests.benchmarks.policy_eval [--iterations 20000]
 
 The policy mixes every matcher (model, team, tags, headers, keywords, regexes, tools,
-prompt-token ranges, time windows) with splits and fallback lists. Three requests are
-measured: one that matches the first rule, one that falls through all 49 earlier rules to
-the last (the worst case for first-match-wins), and a tools request for which capability
-safety skips the rule's first target. ``evaluate`` is timed on its own; ``extract`` (the
-features read from the payload) is timed beside it.
+prompt-token ranges, time windows, task class, budget share, backend health) with splits,
+fallback lists, cheapest/fastest strategies, cascades and per-route cache/prune settings;
+the new matchers are written so that they are evaluated (their rule's cheap conditions
+hold) rather than skipped. Three requests are measured: one that matches the first rule,
+one that falls through all 49 earlier rules to the last (the worst case for
+first-match-wins; the last rule is ``cheapest`` with a backend down), and a tools request
+for which capability safety skips targets. ``evaluate`` is timed on its own (with backend
+state and budget shares handed in); ``extract`` (the features read from the payload, the
+task classifier included, since the policy uses ``task_class``) is timed beside it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ CAPS = {
 }
 _MATCHERS = (
     "{{team: team-{i}}}",
+    "{{model: auto, task_class: [chat, summarize], prompt_tokens: {{min: 1{i:03d}0}}}}",
+    "{{model: auto, budget: {{above: 0.9{i:02d}, scope: team}}}}",
+    "{{model: auto, health: {{up: [big]}}, keywords: [zzz{i}]}}",
     "{{model: auto, tags: {{project: p{i}}}}}",
     "{{headers: {{x-tenant: t{i}}}}}",
     "{{model: auto, keywords: [word{i}, phrase number {i}]}}",
@@ -44,7 +51,30 @@ _MATCHERS = (
     "{{app: app-{i}, prompt_tokens: {{max: 100}}}}",
     "{{key: key-{i}, time: {{days: [sat, sun], from: '08:00', to: '20:00', tz: Europe/Berlin}}}}",
 )
-_ACTIONS = ("{{target: big}}", "{{target: [local, mini]}}", "{{split: {{big: 1, mini: 4}}}}", "{{target: mini, max_tokens: 256}}")
+_ACTIONS = (
+    "{{target: big}}",
+    "{{target: [local, mini]}}",
+    "{{split: {{big: 1, mini: 4}}}}",
+    "{{target: mini, max_tokens: 256}}",
+    "{{cheapest: [big, mini, local], cache: {{mode: semantic, threshold: 0.95}}}}",
+    "{{cascade: {{try: local, then: big}}, prune: {{max_input_tokens: 4000}}}}",
+    "{{fastest: [big, mini]}}",
+)
+PRICES = {"big": 5.0, "mini": 0.3, "local": 0.0, "other": 1.0}
+
+
+class Backends:
+    """A BackendState as the upstream stage keeps it: dict lookups."""
+
+    def __init__(self, down: set[str], latency: dict[str, float]):
+        self.down = down
+        self.latency = latency
+
+    def is_up(self, model: str) -> bool:
+        return model not in self.down
+
+    def latency_ms(self, model: str) -> float | None:
+        return self.latency.get(model)
 
 
 def fifty_rule_policy() -> str:
@@ -52,7 +82,7 @@ def fifty_rule_policy() -> str:
     for i in range(49):
         match, action = _MATCHERS[i % len(_MATCHERS)], _ACTIONS[i % len(_ACTIONS)]
         lines.append(f"  - {{name: r{i}, match: {match.format(i=i)}, action: {action.format(i=i)}}}")
-    lines.append("  - {name: last, match: {model: auto}, action: {target: [local, mini, big]}}")
+    lines.append("  - {name: last, match: {model: auto}, action: {cheapest: [big, mini, local]}}")
     return "\n".join(lines) + "\n"
 
 
@@ -84,19 +114,24 @@ def main() -> None:
         "last rule, tools (capability skip)": ({**plain, "tools": [{"type": "function"}]}, principal),
     }
     now = time.time()
+    backends = Backends({"local"}, {"big": 300.0, "mini": 150.0})
+    world: dict[str, Any] = {"budget": {"team": 0.3}, "backends": backends, "classify": policy.classify}
     print(f"policy: 50 rules, {args.iterations} iterations each; microseconds")
     print(f"{'request':38} {'evaluate p50':>13} {'p99':>8} {'extract p50':>12}  decision")
     for label, (payload, who) in cases.items():
-        features = extract(payload, request_id="req-1", principal=who, headers=headers, header_names=policy.header_names, now=now)
-        decision = evaluate(policy, features, CAPS)
-        p50, p99 = measure(lambda f=features: evaluate(policy, f, CAPS), args.iterations)  # type: ignore[misc]
+        features = extract(
+            payload, request_id="req-1", principal=who, headers=headers, header_names=policy.header_names, now=now, **world
+        )
+        decision = evaluate(policy, features, CAPS, prices=PRICES)
+        p50, p99 = measure(lambda f=features: evaluate(policy, f, CAPS, prices=PRICES), args.iterations)  # type: ignore[misc]
         x50, _ = measure(
             lambda p=payload, w=who: extract(  # type: ignore[misc]
-                p, request_id="req-1", principal=w, headers=headers, header_names=policy.header_names, now=now
+                p, request_id="req-1", principal=w, headers=headers, header_names=policy.header_names, now=now, **world
             ),
             args.iterations,
         )
-        print(f"{label:38} {p50:13.2f} {p99:8.2f} {x50:12.2f}  {decision.rule} -> {decision.model}")
+        chain = ", ".join((decision.model or "-", *decision.fallbacks))
+        print(f"{label:38} {p50:13.2f} {p99:8.2f} {x50:12.2f}  {decision.rule} ({features.task_class}) -> {chain}")
 
 
 if __name__ == "__main__":

@@ -375,3 +375,16 @@ def test_budget_share_matcher_per_scope_and_unknown_never_matches() -> None:
         "rule 'team-hot' (line 2): not matched: budget team >= 0.8 is false "
         "(the team budget is unknown (no budget, or no spend seen yet))"
     )
+
+
+def test_requests_are_classified_only_for_the_models_task_class_rules_name() -> None:
+    named = policy("rules:\n  - {name: hard, match: {model: [auto, smart], task_class: code}, action: {target: big}}\n")
+    assert named.classify and named.classify_for == frozenset({"auto", "smart"})
+    anyone = policy(
+        """\
+        rules:
+          - {name: a, match: {model: auto, task_class: code}, action: {target: big}}
+          - {name: b, match: {team: x, task_class: math}, action: {target: big}}
+        """
+    )
+    assert anyone.classify and anyone.classify_for is None
