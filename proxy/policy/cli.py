@@ -6,7 +6,9 @@ prints one line, ``thrifty: error: FILE:LINE: key: what is wrong``, and exits 2.
 ``explain`` says which rule a request would take and why each earlier rule did not. The
 request file is a chat completion body as JSON, or ``{"body": {...}, "key": ..., "team":
 ..., "app": ..., "tags": {...}, "headers": {...}, "request_id": ...}`` to stand in for who
-sends it. ``simulate`` reads the ledger (the configuration's ``ledger.url``) in pages,
+sends it, and ``"budget": {"team": 0.85}`` (spend shares by scope), ``"down": [models]`` and
+``"latency_ms": {model: ms}`` to stand in for the live state routing reads.
+``simulate`` reads the ledger (the configuration's ``ledger.url``) in pages,
 ordered by time, replays it through the candidate (``proxy.policy.simulate``) and prints
 the projection as a table or JSON, with a progress bar on stderr when that is a terminal.
 """
@@ -25,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config import Settings
+from proxy.cost.prices import PriceTable, load_litellm_prices, overrides_from_config
 from proxy.cost.tokens import TokenCounter
 from proxy.errors import ConfigError
 from proxy.pipeline.auth import Principal
-from proxy.pipeline.route import COUNTING_MODEL
+from proxy.pipeline.route import COUNTING_MODEL, blended_prices
 from proxy.policy.capabilities import capabilities_for
 from proxy.policy.engine import evaluate
-from proxy.policy.features import extract, with_tokens
+from proxy.policy.features import StaticBackends, extract, with_tokens
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Decision, Features, Policy
 from proxy.policy.simulate import COLUMNS, Record, Simulation, render_table
@@ -80,11 +83,14 @@ def run_policy(settings: Settings, args: argparse.Namespace) -> int:
     policy = load_policy(path, settings.models)
     features = _request_features(Path(args.request), policy)
     capabilities = capabilities_for(settings.models)
-    decision = evaluate(policy, features, capabilities, explain=True)
+    table = PriceTable(load_litellm_prices(), overrides_from_config(settings.prices))
+    models = {m.name: m for m in settings.models}
+    prices = blended_prices(models, lambda name: table.for_model(models[name]))
+    decision = evaluate(policy, features, capabilities, prices=prices, explain=True)
     if decision.needs_tokens:
         tokens = TokenCounter().count_messages(_body(Path(args.request)).get("messages") or (), COUNTING_MODEL)
         features = with_tokens(features, tokens)
-        decision = evaluate(policy, features, capabilities, explain=True)
+        decision = evaluate(policy, features, capabilities, prices=prices, explain=True)
     print(_explanation(policy, features, decision))
     return 0
 
@@ -131,6 +137,9 @@ def _request_features(path: Path, policy: Policy) -> Features:
         header_names=policy.header_names,
         tags=tags,
         now=float(envelope.get("now") or time.time()),
+        classify=policy.classify,
+        budget={str(k): float(v) for k, v in (envelope.get("budget") or {}).items()},
+        backends=StaticBackends(envelope.get("down") or (), envelope.get("latency_ms")),
     )
 
 
@@ -140,7 +149,8 @@ def _explanation(policy: Policy, f: Features, decision: Decision) -> str:
     lines = [
         f"policy: {policy.source} (version {policy.version})",
         f"request: model={f.model} key={f.key_id or '-'} team={f.team or '-'} app={f.app or '-'} "
-        f"prompt={tokens} uses={','.join(uses) or 'no tools, images or JSON mode'}",
+        f"prompt={tokens} uses={','.join(uses) or 'no tools, images or JSON mode'}"
+        + (f" task_class={f.task_class}" if f.task_class else ""),
     ]
     lines += [f"  {note}" for note in decision.notes]
     if decision.rule is None:
@@ -150,6 +160,8 @@ def _explanation(policy: Policy, f: Features, decision: Decision) -> str:
         line = f" (line {rule.line})" if rule and rule.line else ""
         tail = f"; fallbacks: {', '.join(decision.fallbacks)}" if decision.fallbacks else ""
         cap = f"; max_tokens capped at {decision.max_tokens}" if decision.max_tokens else ""
+        if decision.cascade is not None:
+            tail += f"; cascade: escalates to {decision.fallbacks[0]} when a check fails ({', '.join(decision.cascade.checks)})"
         lines.append(f"-> rule {decision.rule!r}{line} matched: routed to {decision.model}{tail}{cap}")
     return "\n".join(lines)
 

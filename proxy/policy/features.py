@@ -102,6 +102,20 @@ def extract(
     )
 
 
+class StaticBackends:
+    """A fixed :class:`BackendState` (``policy explain``, tests): the models named down, given latencies."""
+
+    def __init__(self, down: Collection[str] = (), latency: Mapping[str, float] | None = None):
+        self.down = frozenset(down)
+        self.latency = dict(latency or {})
+
+    def is_up(self, model: str) -> bool:
+        return model not in self.down
+
+    def latency_ms(self, model: str) -> float | None:
+        return self.latency.get(model)
+
+
 def with_tokens(features: Features, tokens: int) -> Features:
     return replace(features, prompt_tokens=tokens)
 

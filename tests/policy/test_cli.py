@@ -127,3 +127,42 @@ def test_explain_without_a_policy_or_with_a_bad_request_is_one_error(tmp_path: P
         "policy", "explain", "--request", str(request), "--policy", str(policy), "--config", str(config), cwd=tmp_path
     )
     assert result.returncode == 2 and f"{request}:1: the request is not valid JSON" in one_error_line(result)
+
+
+def test_explain_says_why_task_class_budget_and_health_rules_did_not_match(tmp_path: Path, config: Path) -> None:
+    policy = write(
+        tmp_path,
+        "p.yaml",
+        """\
+rules:
+  - name: hard
+    match: {model: auto, task_class: [code, math]}
+    action: {target: gpt-4o}
+  - name: broke
+    match: {budget: {above: 0.8, scope: team}}
+    action: {target: gemma}
+  - name: local-down
+    match: {health: {down: gemma}}
+    action: {target: gpt-4o-mini}
+  - name: simple
+    match: {model: auto}
+    action: {cascade: {try: gemma, then: gpt-4o}}
+""",
+    )
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Translate 'good night' into French."}]}
+    request = write(tmp_path, "req.json", json.dumps({"body": body, "team": "eng", "budget": {"team": 0.5}}))
+    args = ("--policy", str(policy), "--config", str(config))
+    result = thrifty("policy", "explain", "--request", str(request), *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].endswith(" task_class=translate")
+    assert lines[2:] == [
+        "  rule 'hard' (line 2): not matched: task_class in ['code', 'math'] is false (task_class is translate)",
+        "  rule 'broke' (line 5): not matched: budget team >= 0.8 is false (the team budget is 50% spent)",
+        "  rule 'local-down' (line 8): not matched: health down ['gemma'] up [] is false (gemma is up)",
+        "-> rule 'simple' (line 11) matched: routed to gemma; fallbacks: gpt-4o; "
+        "cascade: escalates to gpt-4o when a check fails (empty, refusal, json, short)",
+    ]
+    down = write(tmp_path, "down.json", json.dumps({"body": body, "down": ["gemma"]}))
+    result = thrifty("policy", "explain", "--request", str(down), *args, cwd=tmp_path)
+    assert result.stdout.splitlines()[-1] == "-> rule 'local-down' (line 8) matched: routed to gpt-4o-mini"
