@@ -1,8 +1,10 @@
 """Issue 4's acceptance, end to end: a real llama.cpp server with Gemma 3 270M (tests/llama.py) as
 the local backend, the fake upstream as the large cloud model, a real gateway and the official
 OpenAI SDK. A simple request is served locally; a request with tools goes to the large model; a
-local backend killed (a private llama.cpp server, SIGKILL) fails over to the large model with no
-client error, and a stream it was already sending ends with an error event, never a clean end."""
+cascade escalates when the local answer fails its check (3 tokens are "short", never valid JSON)
+and serves it when it passes, plain and streamed; a local backend killed (a private llama.cpp
+server, SIGKILL) fails over to the large model with no client error, and a stream it was already
+sending ends with an error event, never a clean end."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import openai
 import pytest
 
 from proxy.config import ModelConfig, Settings, Timeouts
+from proxy.policy.loader import load_policy
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream
 from tests.llama import LlamaServer
@@ -67,7 +70,8 @@ def test_a_simple_request_to_auto_is_served_by_the_local_model(sdk: openai.OpenA
     record = record_of(ledger_path(shipped), raw.headers["x-request-id"])
     assert (record["requested_model"], record["served_model"], record["provider"]) == ("auto", "gemma", "llamacpp")
     assert (record["route"], record["usage_source"], record["status"]) == ("auto-simple", "upstream", 200)
-    assert record["policy_version"].startswith("default-1-") and record["cost_nusd"] == 0
+    assert record["policy_version"] == load_policy(str(SHIPPED_POLICY), shipped.models).version
+    assert record["cost_nusd"] == 0  # local models cost nothing unless a price is configured
 
 
 def test_a_streamed_simple_request_is_served_locally(sdk: openai.OpenAI, fake: FakeUpstream, shipped: Settings) -> None:
@@ -199,3 +203,95 @@ def test_a_local_backend_killed_mid_stream_ends_the_stream_with_an_error(
     record = record_of(ledger_path(settings), request_id)
     assert (record["served_model"], record["status"], record["error_code"]) == ("gemma", 502, "upstream_unavailable")
     assert record["usage_source"] == "counted" and record["completion_tokens"] > 0  # what was relayed is recorded
+
+
+CASCADE_POLICY = """\
+version: cascade
+rules:
+  - name: strict
+    match: {model: auto, headers: {x-check: strict}}
+    action: {cascade: {try: gemma, then: gpt-4o, checks: [short], min_chars: 200}}
+  - name: json
+    match: {model: auto, json: true}
+    action: {cascade: {try: gemma, then: gpt-4o, checks: [json]}}
+  - name: lenient
+    match: {model: auto}
+    action: {cascade: {try: gemma, then: gpt-4o, checks: [empty, short]}}
+"""
+STRICT = {"x-check": "strict"}
+
+
+@pytest.fixture
+def cascading(
+    llama_server: LlamaServer,
+    upstream: tuple[FakeUpstream, ThreadServer],
+    tmp_path: Path,
+    start_gateway: Callable[[Settings], ThreadServer],
+) -> Iterator[tuple[openai.OpenAI, Settings]]:
+    policy = tmp_path / "cascade.yaml"
+    policy.write_text(CASCADE_POLICY, encoding="utf-8")
+    base = settings_for(upstream[1].url, tmp_path)
+    settings = replace(base, models=(local_model(llama_server), *base.models), policies=str(policy))
+    gateway = start_gateway(settings)
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=60) as client:
+        yield client, settings
+
+
+def test_a_cascade_escalates_when_the_local_answer_is_too_short(
+    cascading: tuple[openai.OpenAI, Settings], fake: FakeUpstream
+) -> None:
+    client, settings = cascading
+    # Three tokens from the 270M model are always under 200 characters: the check fails for sure.
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=3, extra_headers=STRICT
+    )
+    assert (raw.headers["x-thrifty-model"], raw.headers["x-thrifty-route"]) == ("gpt-4o", "strict")
+    assert raw.parse().choices[0].message.content == "echo: Name a colour."
+    assert [r.payload["model"] for r in fake.requests] == ["gpt-4o"]
+    record = record_of(ledger_path(settings), raw.headers["x-request-id"])
+    assert (record["served_model"], record["cascade"], record["attempts"], record["status"]) == (
+        "gpt-4o", "escalated: short", 2, 200,
+    )  # fmt: skip
+
+
+def test_a_cascade_serves_the_local_answer_when_it_passes(cascading: tuple[openai.OpenAI, Settings], fake: FakeUpstream) -> None:
+    client, settings = cascading
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8
+    )
+    reply = raw.parse()
+    assert (raw.headers["x-thrifty-model"], raw.headers["x-thrifty-route"]) == ("gemma", "lenient")
+    assert reply.choices[0].message.content and reply.usage is not None and reply.usage.completion_tokens == 8
+    assert fake.requests == []
+    record = record_of(ledger_path(settings), raw.headers["x-request-id"])
+    assert (record["served_model"], record["cascade"], record["attempts"]) == ("gemma", "accepted", 1)
+
+
+def test_a_cascade_escalates_invalid_json(cascading: tuple[openai.OpenAI, Settings], fake: FakeUpstream) -> None:
+    client, settings = cascading
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "Reply in JSON: the capital of France."}],
+        response_format={"type": "json_object"},
+        max_tokens=3,
+    )
+    assert (raw.headers["x-thrifty-model"], raw.headers["x-thrifty-route"]) == ("gpt-4o", "json")
+    record = record_of(ledger_path(settings), raw.headers["x-request-id"])
+    assert (record["cascade"], record["served_model"]) == ("escalated: json", "gpt-4o")
+    assert fake.requests[0].payload["response_format"] == {"type": "json_object"}
+
+
+def test_a_streamed_request_is_cascaded_too(cascading: tuple[openai.OpenAI, Settings], fake: FakeUpstream) -> None:
+    client, settings = cascading
+    answers = {}
+    for name, headers in (("escalated", STRICT), ("accepted", {})):
+        with client.chat.completions.with_streaming_response.create(
+            model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, stream=True,
+            extra_headers=headers,
+        ) as response:  # fmt: skip
+            model, request_id = response.headers["x-thrifty-model"], response.headers["x-request-id"]
+            text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+        answers[name] = (model, text, record_of(ledger_path(settings), request_id)["cascade"])
+    assert answers["escalated"] == ("gpt-4o", "echo: Name a colour.", "escalated: short")
+    assert answers["accepted"][0] == "gemma" and answers["accepted"][1] and answers["accepted"][2] == "accepted"
+    assert len(fake.requests) == 1 and fake.requests[0].payload["stream"] is True
