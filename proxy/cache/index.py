@@ -109,14 +109,18 @@ class Partition:
             near = near[np.argpartition(distance[near], CANDIDATES)[:CANDIDATES]]
         return near
 
-    def best(self, query: npt.NDArray[np.float32], now: float) -> tuple[int, float] | None:
+    def best(self, query: npt.NDArray[np.float32], now: float, floor: float, limit: int) -> list[tuple[int, float]]:
+        """Up to ``limit`` live rows scoring at least ``floor``, best first."""
         rows = self.candidates(query)
         if not len(rows):
-            return None
+            return []
         scores = (self.q8[rows].astype(np.float32) @ query) * self.scales[rows]
         scores[self.expires[rows] <= now] = -2.0
-        top = int(np.argmax(scores))
-        return int(rows[top]), float(scores[top])
+        passing = np.flatnonzero(scores >= floor)
+        if len(passing) > limit:
+            passing = passing[np.argpartition(-scores[passing], limit)[:limit]]
+        ranked = passing[np.argsort(-scores[passing])]
+        return [(int(rows[i]), float(scores[i])) for i in ranked]
 
     def nbytes(self) -> int:
         return self.q8.nbytes + self.scales.nbytes + self.bits.nbytes + self.expires.nbytes
@@ -177,13 +181,15 @@ class VectorIndex:
 
     def search(self, partition: str, vector: npt.NDArray[np.float32], threshold: float) -> Match | None:
         """The most similar live entry of the partition, if its similarity reaches ``threshold``."""
+        found = self.search_all(partition, vector, threshold, 1)
+        return found[0] if found else None
+
+    def search_all(self, partition: str, vector: npt.NDArray[np.float32], threshold: float, limit: int) -> list[Match]:
+        """Up to ``limit`` live entries of the partition at ``threshold`` or above, most similar first."""
         part = self._partitions.get(partition)
         if part is None:
-            return None
-        found = part.best(vector, self._clock())
-        if found is None or found[1] < threshold:
-            return None
-        return Match(part.keys[found[0]], found[1])
+            return []
+        return [Match(part.keys[row], score) for row, score in part.best(vector, self._clock(), threshold, limit)]
 
     def touch(self, tenant: str, key: str) -> None:
         """Mark an entry used (a hit): it is evicted last."""

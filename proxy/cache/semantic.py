@@ -35,6 +35,7 @@ log = logging.getLogger("thrifty.cache")
 
 INDEX_MARGIN = 0.02  # int8 similarities this far under the threshold are still re-checked in float
 EXPIRE_EVERY = 60.0  # seconds between sweeps of expired entries
+CANDIDATES = 3  # entries fetched and checked at most per lookup, best first (the guard may refuse the closest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,29 +78,28 @@ class SemanticCache:
         return done.vectors[0], self._price_tokens(done.tokens) if done.tokens else 0
 
     async def lookup(self, key: SemanticKey, vector: Vectors, threshold: float) -> SemanticHit | None:
+        """The closest stored answer that passes the float re-check and the guard, among a few candidates."""
         self._sweep()
-        match = self.index.search(key.partition, vector, threshold - INDEX_MARGIN)
-        if match is None:
-            return None
-        try:
-            stored = await self.store.get(match.key)
-        except Exception as exc:
-            self._failed("store", exc)
-            return None
-        if stored is None:  # gone from Redis (expired early, evicted, or Redis restarted empty)
-            self.index.remove(key.tenant, match.key)
-            return None
-        similarity = float(stored.vector @ vector) if len(stored.vector) == len(vector) else -1.0
-        if similarity < threshold:
-            return None
-        if not compatible(key.text, stored.text):
-            self.counts["guard_refused"] += 1
-            return None
-        hit = entries.decode(stored.raw, key.tenant)
-        if hit is None:
-            return None
-        self.index.touch(key.tenant, match.key)
-        return SemanticHit(hit, similarity)
+        for match in self.index.search_all(key.partition, vector, threshold - INDEX_MARGIN, CANDIDATES):
+            try:
+                stored = await self.store.get(match.key)
+            except Exception as exc:
+                self._failed("store", exc)
+                return None
+            if stored is None:  # gone from Redis (expired early, evicted, or Redis restarted empty)
+                self.index.remove(key.tenant, match.key)
+                continue
+            similarity = float(stored.vector @ vector) if len(stored.vector) == len(vector) else -1.0
+            if similarity < threshold:
+                continue
+            if not compatible(key.text, stored.text):
+                self.counts["guard_refused"] += 1
+                continue
+            hit = entries.decode(stored.raw, key.tenant)
+            if hit is not None:
+                self.index.touch(key.tenant, match.key)
+                return SemanticHit(hit, similarity)
+        return None
 
     async def store_answer(self, key: SemanticKey, vector: Vectors, raw: bytes, ttl: float) -> None:
         """Add an answer to the index and the store (``raw``: the entry as encoded for the exact cache)."""

@@ -98,3 +98,61 @@ def test_no_answer_crosses_a_tenant(
     finally:
         for client in clients:
             client.close()
+
+
+# Three wordings of one question: at a low threshold every one is a semantic match of the others,
+# so an answer that could cross a tenant (or a scope) through the vector index would be served.
+WORDINGS = ["what is the capital of France", "what's the capital city of France", "tell me France's capital"]
+
+
+@pytest.fixture(params=[("memory", "team"), ("redis", "key")], ids=lambda p: "semantic-" + "-".join(p))
+def isolated_semantic(request: pytest.FixtureRequest, start_cached: StartCached) -> tuple[Cached, str]:
+    store, scope = request.param
+    extra = {"redis_url": request.getfixturevalue("redis_url")} if store == "redis" else {}
+    return start_cached(scope=scope, mode="semantic", threshold=0.5, **extra), scope
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    who=callers,
+    order=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 2)), min_size=1, max_size=12),
+)
+def test_no_semantic_answer_crosses_a_tenant(
+    isolated_semantic: tuple[Cached, str], fake: FakeUpstream, who: list[str], order: list[tuple[int, int]]
+) -> None:
+    gateway, scope = isolated_semantic
+    produced = numbered(fake)
+    run = uuid.uuid4().hex  # in the system prompt: each example's entries live in partitions of their own
+    system = {"role": "system", "content": f"Conversation {run}."}
+    keys, tenants = [], []
+    for team in who:
+        if team == "master":
+            keys.append(MASTER_KEY)
+            tenants.append(tenant(MASTER, scope))
+            continue
+        key, principal = gateway.create_key(team)
+        keys.append(key)
+        tenants.append(tenant(principal, scope))
+    clients = [gateway.client_for(k) for k in keys]
+    owner: dict[str, str] = {}
+    stored: set[str] = set()  # tenants that have stored an answer in this example
+    try:
+        for caller, p in order:
+            caller %= len(clients)
+            raw = clients[caller].chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=[system, {"role": "user", "content": WORDINGS[p]}], temperature=0
+            )
+            answer = raw.parse().choices[0].message.content
+            assert answer is not None
+            me, status = tenants[caller], raw.headers["x-thrifty-cache"]
+            if status in ("exact", "semantic"):
+                assert owner[answer] == me, f"{me} was served {answer} ({status}), stored by {owner[answer]}"
+            else:
+                assert status == "miss" and me not in stored, "a tenant with an entry must hit one of its wordings"
+                assert answer not in owner and produced[answer] == WORDINGS[p]
+                owner[answer] = me
+                stored.add(me)
+                gateway.drain()
+    finally:
+        for client in clients:
+            client.close()
