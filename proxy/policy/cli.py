@@ -186,12 +186,13 @@ def parse_since(text: str, now: float | None = None) -> float:
 async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from proxy.cost.prices import PriceTable, load_litellm_prices, overrides_from_config
     from proxy.storage.database import open_database
 
     policy = load_policy(args.path, settings.models)
     table = PriceTable(load_litellm_prices(), overrides_from_config(settings.prices))
-    sim = Simulation(policy, capabilities_for(settings.models), {m.name: table.for_model(m) for m in settings.models})
+    prices = {m.name: table.for_model(m) for m in settings.models}
+    blended = blended_prices(prices, prices.__getitem__)
+    sim = Simulation(policy, capabilities_for(settings.models), prices, blended)
     since: float = args.since  # argparse ran parse_since, on the default too
     db = await open_database(settings.ledger.url)
     try:

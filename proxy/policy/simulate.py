@@ -174,6 +174,7 @@ class Simulation:
     policy: Policy
     capabilities: Mapping[str, Capabilities]
     prices: Mapping[str, Price]  # by configured model name
+    blended: Mapping[str, float] | None = None  # for "cheapest" rules, as the router has them (route.blended_prices)
     seen: int = 0
     no_features: int = 0
     failed: int = 0
@@ -201,7 +202,7 @@ class Simulation:
             entry[1] += 1
             entry[2] += record.cost_nusd
             return
-        decision = evaluate(self.policy, f, self.capabilities)
+        decision = evaluate(self.policy, f, self.capabilities, prices=self.blended)
         model = decision.model or (record.requested_model if record.requested_model in self.prices else None)
         if model is None:
             self.refused += 1  # no rule applies and the requested model is not configured: a 400 today

@@ -18,6 +18,7 @@ import pytest
 
 from proxy.config import ModelConfig, Settings, load_settings
 from proxy.cost.prices import Price
+from proxy.pipeline.route import blended_prices
 from proxy.policy.cli import parse_since
 from proxy.policy.loader import parse_policy
 from proxy.policy.simulate import Record, Simulation
@@ -213,3 +214,41 @@ def test_a_cache_hit_stays_free_and_a_refused_request_is_counted() -> None:
     report = sim.report()
     assert report["requests"]["replayed"] == 2 and report["requests"]["refused_by_candidate"] == 1
     assert report["cost_usd"]["actual"] == "0.000000198" and report["cost_usd"]["projected"] == "0.000010000"
+
+
+def test_a_cheapest_rule_replays_with_the_blended_prices() -> None:
+    text = "version: c\nrules:\n  - name: thrift\n    match: {model: auto}\n    action: {cheapest: [big, small]}\n"
+    models = (ModelConfig("small", "openai", "http://x/v1"), ModelConfig("big", "openai", "http://x/v1"))
+    prices = {
+        "small": Price(Decimal(1), Decimal(2), Decimal(1), "config"),
+        "big": Price(Decimal(10), Decimal(30), Decimal(10), "config"),
+    }
+    sim = Simulation(parse_policy(text, "c.yaml", models), {}, prices, blended_prices(prices, prices.__getitem__))
+    sim.add(
+        Record(
+            "id",
+            0.0,
+            "r",
+            "auto",
+            "big",
+            "old",
+            None,
+            None,
+            None,
+            None,
+            False,
+            False,
+            None,
+            None,
+            10,
+            10,
+            5,
+            0,
+            "miss",
+            200,
+            250_000,
+        )
+    )
+    report = sim.report()
+    assert report["routes_projected"] == [{"rule": "thrift", "count": 1, "share": 1.0, "models": {"small": 1}}]
+    assert report["cost_usd"]["projected"] == "0.000020000"  # 10 in x $1 + 5 out x $2, per 1M
