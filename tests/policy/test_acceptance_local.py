@@ -20,7 +20,7 @@ from proxy.config import ModelConfig, Settings, Timeouts
 from proxy.policy.loader import load_policy
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream
-from tests.llama import LlamaServer
+from tests.llama import LlamaServer, require_llama
 from tests.pipeline.test_ledger_e2e import record_of
 from tests.servers import ThreadServer
 
@@ -120,8 +120,9 @@ rules:
 
 
 @pytest.fixture
-def doomed(llama_server: LlamaServer) -> Iterator[LlamaServer]:
+def doomed() -> Iterator[LlamaServer]:
     """A private llama.cpp server for a test to kill (the session's one stays up for the others)."""
+    require_llama()
     server = LlamaServer()
     try:
         yield server.start()
