@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import string
 
 CLASSES = ("chat", "code", "math", "reasoning", "extraction", "summarize", "translate", "creative")
 _INDEX = {name: i for i, name in enumerate(CLASSES)}
@@ -84,7 +85,7 @@ _CUES = {
 _CODE_MARKS = re.compile(r"def |function|=>|const |import |#include|\(\);|;\n|\{\n|</|select |error:|\.[a-z_]+\(")
 _MATH_MARKS = ("^", "%", "√", "∫", "∑", "π", "×", "÷")
 _ARITHMETIC = re.compile(r"\d ?[-+*/=] ?[\d(x]")
-_WORD = re.compile(r"[a-z]+")
+_SPACES = str.maketrans(dict.fromkeys(string.punctuation + string.digits, " "))  # ASCII text: words by split()
 _WORD_ANY = re.compile(r"[^\W\d_]+")  # for text that is not all ASCII
 _STEM = 5  # stems are looked up by their first five letters, then checked in full
 
@@ -120,13 +121,15 @@ def classify(text: str, *, json_mode: bool = False) -> str:
     if len(text) > _HEAD + _TAIL:
         text = text[:_HEAD] + "\n" + text[-_TAIL:]
     lower = text.lower()
-    words = (_WORD if lower.isascii() else _WORD_ANY).findall(lower)
+    plain = lower.translate(_SPACES) if lower.isascii() else None  # letters and spaces only
+    words = plain.split() if plain is not None else _WORD_ANY.findall(lower)
+    distinct = set(words)  # a cue counts once, however often it is repeated
     scores = [0] * len(CLASSES)
     # Comprehensions rather than one loop with branches: most words hit nothing, and a
     # comprehension's miss is a few tens of nanoseconds.
-    hits = [_WORDS[w] for w in words if w in _WORDS]
-    hits += [_PAIRS[p] for a, b in itertools.pairwise(words) if a in _FIRSTS and (p := f"{a} {b}") in _PAIRS]
-    for w, stems in [(w, _STEMS[w[:_STEM]]) for w in words if len(w) >= _STEM and w[:_STEM] in _STEMS]:
+    hits = [_WORDS[w] for w in distinct if w in _WORDS]
+    hits += [_PAIRS[p] for p in {f"{a} {b}" for a, b in itertools.pairwise(words) if a in _FIRSTS} if p in _PAIRS]
+    for w, stems in [(w, _STEMS[w[:_STEM]]) for w in distinct if len(w) >= _STEM and w[:_STEM] in _STEMS]:
         hits.append(tuple((cls, weight) for stem, cls, weight in stems if w.startswith(stem)))
     for cues in hits:
         for cls, weight in cues:
@@ -135,7 +138,7 @@ def classify(text: str, *, json_mode: bool = False) -> str:
         scores[1] += 4
     elif _CODE_MARKS.search(lower) is not None:
         scores[1] += 3
-    if any(mark in lower for mark in _MATH_MARKS) or _ARITHMETIC.search(lower) is not None:
+    if any(mark in lower for mark in _MATH_MARKS) or (plain != lower and _ARITHMETIC.search(lower) is not None):
         scores[2] += 3
     if json_mode:
         scores[4] += 2

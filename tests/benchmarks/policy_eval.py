@@ -27,6 +27,7 @@ from typing import Any
 from proxy.config import DEFAULT_BASE_URLS, ModelConfig
 from proxy.pipeline.auth import Principal
 from proxy.policy.capabilities import Capabilities
+from proxy.policy.classify import classify
 from proxy.policy.engine import evaluate
 from proxy.policy.features import extract
 from proxy.policy.loader import parse_policy
@@ -132,6 +133,10 @@ def main() -> None:
         )
         chain = ", ".join((decision.model or "-", *decision.fallbacks))
         print(f"{label:38} {p50:13.2f} {p99:8.2f} {x50:12.2f}  {decision.rule} ({features.task_class}) -> {chain}")
+    print("task classifier alone (inside extract above):")
+    for text in ("Write a Python function that checks whether a string is a palindrome.", "Summarize this paragraph. " * 20):
+        c50, c99 = measure(lambda t=text: classify(t), args.iterations)  # type: ignore[misc]
+        print(f"  {len(text):4} characters: p50 {c50:.2f}, p99 {c99:.2f} -> {classify(text)}")
 
 
 if __name__ == "__main__":
