@@ -17,7 +17,7 @@ import difflib
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from proxy.storage.database import Database, Row
@@ -111,13 +111,12 @@ class PolicyStore:
         if action not in ACTIONS:
             raise ValueError(f"unknown policy action {action!r}")
         async with self._exclusive():
-            parent = await self.latest()
-            if unless_latest and parent is not None and parent.version == version:
+            newest = await self.latest_id()
+            if unless_latest and newest is not None and newest[1] == version:
                 return None
-            diff = unified_diff(parent.yaml, yaml, f"v{parent.id} ({parent.version})", version) if parent else ""
             token = secrets.token_hex(12)
-            # One statement: the id is max + 1 under SQLite's write lock; the guard repeats the
-            # "unless latest" check inside it, for another process that wrote in between.
+            # One statement: the id is max + 1 (and the parent the max) under SQLite's write lock;
+            # the guard repeats the "unless latest" check inside it, for a process that wrote since.
             guard = (
                 "WHERE NOT EXISTS (SELECT 1 FROM policy_versions p"
                 " WHERE p.version = ? AND p.id = (SELECT MAX(id) FROM policy_versions))"
@@ -125,13 +124,22 @@ class PolicyStore:
             await self._db.execute(
                 "INSERT INTO policy_versions (id, token, version, yaml, author_key_id, author_role, created_at, comment, diff,"
                 " parent_id, action) SELECT (SELECT COALESCE(MAX(id), 0) + 1 FROM policy_versions), ?, ?, ?, ?, ?,"
-                " CAST(? AS DOUBLE PRECISION), ?, ?,"
-                " (SELECT MAX(id) FROM policy_versions), ? " + (guard if unless_latest else ""),
-                *(token, version, yaml, author_key_id, author_role, time.time(), comment, diff, action),
+                " CAST(? AS DOUBLE PRECISION), ?, '', (SELECT MAX(id) FROM policy_versions), ? "
+                + (guard if unless_latest else ""),
+                *(token, version, yaml, author_key_id, author_role, time.time(), comment, action),
                 *((version,) if unless_latest else ()),
             )
             rows = await self._db.fetch(f"SELECT {_COLUMNS} FROM policy_versions WHERE token = ?", token)
-        return _version(rows[0]) if rows else None
+            if not rows:
+                return None
+            added = _version(rows[0])
+            parent = await self.get(added.parent_id) if added.parent_id is not None else None
+            if parent is None:
+                return added
+            # The diff against the parent the insert really took (another writer may have come between).
+            diff = unified_diff(parent.yaml, yaml, f"v{parent.id} ({parent.version})", f"v{added.id} ({version})")
+            await self._db.execute("UPDATE policy_versions SET diff = ? WHERE id = ?", diff, added.id)
+        return replace(added, diff=diff)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:

@@ -141,7 +141,7 @@ def test_versions_list_who_when_why_and_the_diff_and_rollback_restores(admin: Ad
     assert newest["author_role"] == "admin" and newest["author_key_id"] not in (None, "master")
     assert newest["comment"] == "to bbb" and newest["created_at"] > 0 and "yaml" not in newest
     diff = newest["diff"].splitlines()
-    assert diff[0].startswith("--- v1 (v1-") and diff[1].startswith("+++ v2-")
+    assert diff[0].startswith("--- v1 (v1-") and diff[1].startswith("+++ v2 (v2-")
     assert "-    action: {target: m-aaa}" in diff and "+    action: {target: m-bbb, max_tokens: 50}" in diff
     assert admin.call("GET", "/versions/1").json()["yaml"] == V1
 
@@ -164,3 +164,10 @@ def test_versions_list_who_when_why_and_the_diff_and_rollback_restores(admin: Ad
     assert admin.call("POST", "/rollback", json={"nope": 1}).status_code == 400
     assert admin.call("GET", "/versions", params={"limit": "0"}).status_code == 400
     assert [v["id"] for v in admin.call("GET", "/versions", params={"limit": "2", "before": "4"}).json()["data"]] == [3, 2]
+
+
+def test_without_a_policy_file_the_admin_api_says_routing_is_off(raw: httpx.Client) -> None:
+    for method in ("GET", "PUT"):
+        response = raw.request(method, PATH, content=V1)
+        assert response.status_code == 400
+        assert error_of(response)["code"] == "routing_disabled"

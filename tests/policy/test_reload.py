@@ -184,6 +184,17 @@ def test_sighup_reloads_every_worker_of_thrifty_serve(upstream: tuple[FakeUpstre
         served.wait_for(r"routing policy reloaded \(SIGHUP\): version v1-\w+ -> v2-", count=2, timeout=20)
         assert routes() == {"two"}
         assert served.process.poll() is None  # SIGHUP is not a stop signal
+
+        # An admin write lands on one worker; the other one reloads the file it wrote.
+        put = httpx.put(
+            f"http://127.0.0.1:{port}/v1/thrifty/policy",
+            json={"yaml": V1, "comment": "back to aaa"},
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+            timeout=30,
+        )
+        assert put.status_code == 200, put.text
+        assert wait_until(lambda: routes() == {"one"}, timeout=10)
+        served.wait_for(r"routing policy reloaded \(file changed\): version v2-\w+ -> v1-", count=1, timeout=10)
     finally:
         served.terminate()
         assert served.exit_code() == 0

@@ -41,7 +41,7 @@ async def test_versions_are_numbered_with_author_parent_and_diff(db: Database) -
     assert first is not None and second is not None
     assert (first.id, first.parent_id, first.diff) == (1, None, "")
     assert (second.id, second.parent_id, second.author_key_id, second.author_role) == (2, 1, "key_1", "admin")
-    assert second.diff.splitlines()[:2] == ["--- v1 (a-1)", "+++ b-2"]
+    assert second.diff.splitlines()[:2] == ["--- v1 (a-1)", "+++ v2 (b-2)"]
     assert "-    action: {target: gpt-4o}" in second.diff.splitlines()
     assert "+    action: {target: gpt-4o-mini}" in second.diff.splitlines()
     assert (await store.latest()) == second
@@ -71,9 +71,16 @@ async def test_two_stores_appending_at_once_get_distinct_ids(db_url: str) -> Non
     first, second = await open_database(db_url), await open_database(db_url)
     try:
         stores = [PolicyStore(first), PolicyStore(second)]
-        added = await asyncio.gather(*(stores[i % 2].add(A, f"v{i}", "create") for i in range(10)))
+        added = await asyncio.gather(*(stores[i % 2].add(f"{A}# {i}\n", f"v{i}", "create") for i in range(10)))
         ids = sorted(v.id for v in added if v is not None)
         assert ids == list(range(1, 11))
+        history = {v.id: v for v in await stores[0].history()}
+        for v in history.values():  # each diff is against the parent its row names
+            if v.parent_id is not None:
+                parent = history[v.parent_id]
+                assert v.parent_id == v.id - 1
+                assert v.diff.startswith(f"--- v{parent.id} ({parent.version})\n+++ v{v.id} ({v.version})\n"), v.diff
+                assert f"-{parent.yaml.splitlines()[-1]}" in v.diff.splitlines()
     finally:
         await first.close()
         await second.close()
