@@ -57,11 +57,15 @@ def _json(request: web.Request, data: Any, status: int = 200) -> web.Response:
 
 def rule_summary(rule: Rule) -> dict[str, Any]:
     action = rule.action
+    cascade = action.cascade
     return {
         "name": rule.name,
         "line": rule.line,
         "match": [c.text for c in rule.conditions],
         "targets": [{"label": arm.label, "weight": arm.weight, "models": list(arm.models)} for arm in action.arms],
+        "strategy": action.strategy,
+        "cascade": None if cascade is None else {"then": list(cascade.then), "checks": list(cascade.checks)},
+        "cache": None if action.cache is None else action.cache.mode,
         "max_tokens": action.max_tokens,
         "inactive": action.inactive,
     }

@@ -91,6 +91,9 @@ def test_get_shows_the_active_version_its_yaml_and_rules(admin: Admin) -> None:
             "line": 3,
             "match": ["model in ['auto']"],
             "targets": [{"label": "m-aaa", "weight": 1, "models": ["m-aaa"]}],
+            "strategy": "ordered",
+            "cascade": None,
+            "cache": None,
             "max_tokens": None,
             "inactive": None,
         }

@@ -34,7 +34,7 @@ from tests.conftest import MASTER_KEY, UPSTREAM_KEY, settings_for
 from tests.fake_upstream import FakeUpstream, reply_text, stream_chunks
 from tests.pipeline.test_ledger_e2e import record_of
 from tests.servers import ThreadServer
-from tests.services import Served
+from tests.services import Served, postgres_server, postgres_url  # noqa: F401
 
 V1 = "version: v1\nrules:\n  - name: one\n    match: {model: auto}\n    action: {target: m-aaa}\n"
 V2 = "version: v2\nrules:\n  - name: two\n    match: {model: auto}\n    action: {target: m-bbb}\n"
@@ -200,16 +200,25 @@ def test_sighup_reloads_every_worker_of_thrifty_serve(upstream: tuple[FakeUpstre
         assert served.exit_code() == 0
 
 
-async def test_a_replica_without_the_file_follows_the_database(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+async def test_a_replica_without_the_file_follows_the_database(tmp_path: Path, shared_db_url: str) -> None:
     models = (ModelConfig("m-aaa", "openai", "http://127.0.0.1:9/v1"), ModelConfig("m-bbb", "openai", "http://127.0.0.1:9/v1"))
-    db = await open_database(f"sqlite:///{tmp_path / 'shared.db'}")
-    replicas = []
+    replicas: list[PolicyReloader] = []
+    dbs = []
     try:
-        for name in ("a", "b"):  # each replica its own copy of the file
+        for name in ("a", "b"):  # each replica its own connection and its own copy of the file
+            dbs.append(await open_database(shared_db_url))
             path = tmp_path / f"{name}.yaml"
             path.write_text(V1, encoding="utf-8")
             router = Router(parse_policy(V1, str(path), models), capabilities_for(models, {}), [m.name for m in models])
-            reloader = PolicyReloader(str(path), models, router, PolicyStore(db), interval=0.05, db_interval=0.1)
+            reloader = PolicyReloader(str(path), models, router, PolicyStore(dbs[-1]), interval=0.05, db_interval=0.1)
             await reloader.start()
             replicas.append(reloader)
         a, b = replicas
@@ -221,8 +230,10 @@ async def test_a_replica_without_the_file_follows_the_database(tmp_path: Path) -
             await asyncio.sleep(0.05)
         assert b.router.policy.rules[0].name == "two" and b.version_id == stored.id
         assert await asyncio.to_thread(Path(b.path).read_text, encoding="utf-8") == V2  # a restart keeps it
-        assert [v.action for v in await PolicyStore(db).history()] == ["create", "reload-from-file"]
+        # b's start-up found v1 already the newest (a recorded it): one row for it, not two
+        assert [v.action for v in await PolicyStore(dbs[1]).history()] == ["create", "reload-from-file"]
     finally:
         for reloader in replicas:
             await reloader.close()
-        await db.close()
+        for db in dbs:
+            await db.close()
