@@ -61,7 +61,7 @@ def sdk(start_gateway: Callable[[Settings], ThreadServer], shipped: Settings) ->
 
 def test_a_simple_request_to_auto_is_served_by_the_local_model(sdk: openai.OpenAI, fake: FakeUpstream, shipped: Settings) -> None:
     raw = sdk.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8
+        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0
     )
     reply = raw.parse()
     assert (raw.headers["x-thrifty-model"], raw.headers["x-thrifty-route"]) == ("gemma", "auto-simple")
@@ -76,7 +76,7 @@ def test_a_simple_request_to_auto_is_served_by_the_local_model(sdk: openai.OpenA
 
 def test_a_streamed_simple_request_is_served_locally(sdk: openai.OpenAI, fake: FakeUpstream, shipped: Settings) -> None:
     with sdk.chat.completions.with_streaming_response.create(
-        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6, stream=True
+        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6, temperature=0, stream=True
     ) as response:
         assert (response.headers["x-thrifty-model"], response.headers["x-thrifty-route"]) == ("gemma", "auto-simple")
         request_id = response.headers["x-request-id"]
@@ -258,7 +258,7 @@ def test_a_cascade_escalates_when_the_local_answer_is_too_short(
 def test_a_cascade_serves_the_local_answer_when_it_passes(cascading: tuple[openai.OpenAI, Settings], fake: FakeUpstream) -> None:
     client, settings = cascading
     raw = client.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8
+        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0
     )
     reply = raw.parse()
     assert (raw.headers["x-thrifty-model"], raw.headers["x-thrifty-route"]) == ("gemma", "lenient")
@@ -287,7 +287,7 @@ def test_a_streamed_request_is_cascaded_too(cascading: tuple[openai.OpenAI, Sett
     answers = {}
     for name, headers in (("escalated", STRICT), ("accepted", {})):
         with client.chat.completions.with_streaming_response.create(
-            model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, stream=True,
+            model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, temperature=0, stream=True,
             extra_headers=headers,
         ) as response:  # fmt: skip
             model, request_id = response.headers["x-thrifty-model"], response.headers["x-request-id"]
