@@ -38,7 +38,8 @@ CHAT_TEMPLATE = Path(__file__).resolve().parent / "data" / "gemma-chat.json"
 ALIAS = "gemma-3-270m"
 ALLOW_SKIP = "THRIFTY_TEST_ALLOW_SKIP_LLAMA"
 # ``python -m llama_cpp.server``, after asking Linux to end the server when pytest dies (killed,
-# or a timeout that skips the fixture's clean-up): no orphaned 0.4 GB servers across runs.
+# or a timeout that skips the fixture's clean-up): no orphaned 0.4 GB servers across runs. Linux
+# sends it when the starting *thread* ends, so start servers from one that outlives them (the main).
 _ORPHANLESS = (
     "import ctypes, runpy, signal; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "  # 1: PR_SET_PDEATHSIG
     "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
