@@ -131,9 +131,8 @@ def _pairs_of(condition: Condition) -> tuple[tuple[str, frozenset[str]], ...]:
 
 
 def _check_reachable(doc: Document, path: Path, rule: Rule, earlier: list[Rule]) -> None:
-    mine = {c.text for c in rule.conditions}
     for before in earlier:
-        if before.action.arms and {c.text for c in before.conditions} <= mine:
+        if before.action.arms and all(any(mine.implies(c) for mine in rule.conditions) for c in before.conditions):
             what = "the earlier catch-all rule" if not before.conditions else "the earlier rule"
             tail = "matches every request" if not before.conditions else "matches every request this one matches"
             hint = "; to fall back when its targets cannot serve a request, list them in its target instead"

@@ -4,8 +4,9 @@
 A condition's ``test`` is pure and cheap; it answers ``None`` only when it needs the exact
 prompt token count and the cheap upper bound in :class:`Features` cannot decide, so the
 caller counts (off the event loop) and evaluates again. Each condition also carries a
-canonical ``text``: the loader compares those to find a rule shadowed by an earlier one,
-and ``explain`` prints them.
+canonical ``text``, which ``explain`` prints, and ``implies``: the loader finds a rule
+shadowed by an earlier one when each earlier condition is implied by one of the rule's own
+(equal texts, or a narrower set of values, a higher budget share, a tighter token range).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class Condition(ABC):
     def seen(self, f: Features) -> str:
         """What the request had, for ``explain``."""
 
+    def implies(self, other: Condition) -> bool:
+        """Whenever this condition holds, ``other`` holds too (for the shadowing check; never a guess)."""
+        return self.text == other.text
+
 
 @dataclass(frozen=True, slots=True)
 class OneOf(Condition):
@@ -85,6 +90,9 @@ class OneOf(Condition):
 
     def seen(self, f: Features) -> str:
         return f"{self.key} is {self.get(f) or '(none)'}"
+
+    def implies(self, other: Condition) -> bool:
+        return isinstance(other, OneOf) and other.key == self.key and self.values <= other.values
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +144,13 @@ class TokenRange(Condition):
             return None
         return (self.low is None or tokens >= self.low) and (self.high is None or tokens <= self.high)
 
+    def implies(self, other: Condition) -> bool:
+        if not isinstance(other, TokenRange):
+            return False
+        low_ok = other.low is None or (self.low is not None and self.low >= other.low)
+        high_ok = other.high is None or (self.high is not None and self.high <= other.high)
+        return low_ok and high_ok
+
     def seen(self, f: Features) -> str:
         if f.prompt_tokens is None:
             return f"the prompt has at most {f.prompt_bound} tokens"
@@ -151,6 +166,9 @@ class Keywords(Condition):
     def test(self, f: Features) -> bool:
         text = f.last_user_lower
         return any(word in text for word in self.words)
+
+    def implies(self, other: Condition) -> bool:
+        return isinstance(other, Keywords) and set(self.words) <= set(other.words)
 
     def seen(self, f: Features) -> str:
         return _quoted(f)
@@ -209,6 +227,9 @@ class BudgetShare(Condition):
         share = f.budget.get(self.scope)
         return share is not None and share >= self.above
 
+    def implies(self, other: Condition) -> bool:
+        return isinstance(other, BudgetShare) and other.scope == self.scope and self.above >= other.above
+
     def seen(self, f: Features) -> str:
         share = f.budget.get(self.scope)
         whose = "the tightest budget" if self.scope == "*" else f"the {self.scope} budget"
@@ -230,6 +251,11 @@ class Health(Condition):
         if backends is None:
             return not self.down
         return all(not backends.is_up(m) for m in self.down) and all(backends.is_up(m) for m in self.up)
+
+    def implies(self, other: Condition) -> bool:
+        if not isinstance(other, Health) or not (other.down or other.up):
+            return False
+        return set(other.down) <= set(self.down) and set(other.up) <= set(self.up)
 
     def seen(self, f: Features) -> str:
         backends = f.backends

@@ -332,10 +332,21 @@ def test_a_cascade_whose_try_overlaps_then_escalates_to_then_only() -> None:
         ("{task_class: code}", "{task_class: code, team: x}", True),
         ("{task_class: code}", "{task_class: math}", False),
         ("{budget: {above: 0.8}}", "{budget: {above: 0.8}, model: auto}", True),
-        ("{budget: {above: 0.8}}", "{budget: {above: 0.9}}", False),
         ("{budget: {above: 0.8, scope: team}}", "{budget: {above: 0.8}}", False),
         ("{health: {down: gemma}}", "{health: {down: gemma}, tools: true}", True),
         ("{health: {down: gemma}}", "{health: {up: gemma}}", False),
+        # implied, not only equal: a narrower condition of the same kind
+        ("{team: [a, b]}", "{team: a, tools: true}", True),
+        ("{team: a}", "{team: [a, b]}", False),
+        ("{task_class: [code, math]}", "{task_class: code}", True),
+        ("{budget: {above: 0.8}}", "{budget: {above: 0.9}}", True),
+        ("{budget: {above: 0.9}}", "{budget: {above: 0.8}}", False),
+        ("{prompt_tokens: {min: 1000}}", "{prompt_tokens: {min: 2000, max: 3000}}", True),
+        ("{prompt_tokens: {max: 1000}}", "{prompt_tokens: {min: 10}}", False),
+        ("{keywords: [prove, derive]}", "{keywords: prove}", True),
+        ("{keywords: prove}", "{keywords: [prove, derive]}", False),
+        ("{health: {down: gemma}}", "{health: {down: [gemma, gpt-4o-mini]}}", True),
+        ("{health: {down: [gemma, gpt-4o-mini]}}", "{health: {down: gemma}}", False),
     ],
 )
 def test_shadowing_with_the_new_conditions(earlier: str, later: str, shadowed: bool) -> None:
