@@ -7,8 +7,8 @@ and left room for a summary. Two summarizers:
   numbers, dates, decisions: proper nouns, digits, month names, "decided / agreed / will /
   must ..."), the densest first, printed in their original order within the room given;
 - **a model** (a chat call through the gateway's own provider for that model, typically a
-  local SLM behind llama.cpp or Ollama), with a timeout; any failure, timeout or empty
-  answer falls back to the extractive summary. The call's cost is returned for the ledger.
+  local SLM behind llama.cpp or Ollama), with a timeout; any failure, timeout, empty answer
+  or an answer that repeats the instructions falls back to the extractive summary. The call's cost is returned for the ledger.
 
 Summaries are cached (the response cache's store: Redis when configured, else an in-process
 LRU) under a hash of the tenant, the summarizer, the room and the summarized messages: a
@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,10 @@ SLM_PROMPT = (
     "Keep every name, number, date, amount and decision exactly as written.\n\n{transcript}\n\nSummary:"
 )
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+_ECHO = SLM_PROMPT[:48]  # an answer that contains the instructions repeated them rather than summarizing
+# A sentence ends at . ! or ? and a space, except after a title or a common abbreviation ("Dr. Helen Achterberg").
+_SENTENCE = re.compile(r"(?<!\b(?:Dr|Mr|Ms|St|Jr|Sr|vs)\.)(?<!\bMrs\.)(?<!\bProf\.)(?<!\be\.g\.)(?<!\bi\.e\.)(?<=[.!?])\s+|\n+")
+_IDENTIFIER = re.compile(r"\b\w+[-_/]\w[\w/-]*|\b[a-z]+[A-Z]\w*")  # payments-gateway, snake_case, camelCase, a/b
 _WORD = re.compile(r"[A-Za-z][\w'-]*")
 _DIGIT = re.compile(r"\d")
 _DECISION = re.compile(
@@ -91,6 +95,7 @@ def score(sentence: str) -> int:
     points += min(proper, 3)
     points += 2 * min(len(_DECISION.findall(sentence)), 2)
     points += 2 if _DATE.search(sentence) else 0
+    points += 1 if _IDENTIFIER.search(sentence) else 0
     return points
 
 
@@ -109,7 +114,9 @@ def sentences(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
 def extractive(messages: Sequence[Mapping[str, Any]], max_chars: int) -> str:
     """The fact-carrying sentences of ``messages`` within ``max_chars``, densest first, shown in order."""
     found = sentences(messages)
-    ranked = sorted(((score(text), -i) for i, (_, text) in enumerate(found)), reverse=True)
+    seen = Counter(text for _, text in found)
+    # A sentence said again and again (boilerplate advice, a repeated greeting) carries less than one said once.
+    ranked = sorted(((score(text) - (2 if seen[text] > 1 else 0), -i) for i, (_, text) in enumerate(found)), reverse=True)
     chosen: list[int] = []
     said: set[str] = set()  # a sentence repeated across turns is worth one line
     used = 0
@@ -207,7 +214,7 @@ class Summarizer:
         usage = usage_from_openai(data.get("usage")) if isinstance(data, dict) else None
         cost = cost_nusd(self._price_of(name), usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) if usage else 0
         text = _reply_text(data).strip()
-        if not text:
+        if not text or _ECHO in text:  # a base model (Gemma 3 270M here) tends to repeat the prompt instead
             return Summary(extractive(messages, room * CHARS_PER_TOKEN), "extractive (model failed)", cost)
         return Summary(text, "model", cost)
 
