@@ -41,8 +41,8 @@ CAPS = {
 }
 _MATCHERS = (
     "{{team: team-{i}}}",
-    "{{model: auto, task_class: [chat, summarize], prompt_tokens: {{min: 1{i:03d}0}}}}",
-    "{{model: auto, budget: {{above: 0.9{i:02d}, scope: team}}}}",
+    "{{model: auto, app: [app-x, a{i}], task_class: [chat, summarize], prompt_tokens: {{min: 1{i:03d}0}}}}",
+    "{{model: auto, app: [app-x, b{i}], budget: {{above: 0.9{i:02d}, scope: team}}}}",
     "{{model: auto, health: {{up: [big]}}, keywords: [zzz{i}]}}",
     "{{model: auto, tags: {{project: p{i}}}}}",
     "{{headers: {{x-tenant: t{i}}}}}",
