@@ -59,11 +59,16 @@ def write_atomically(path: str, text: str) -> None:
     """Readers (other workers, other replicas on a shared volume) see the old file or the new one, never half."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except OSError:
+        if tmp.is_file():
+            tmp.unlink()
+        raise
 
 
 class PolicyReloader:
@@ -127,8 +132,7 @@ class PolicyReloader:
                 comment=comment,
             )
             assert stored is not None  # only "unless_latest" adds nothing
-            await asyncio.to_thread(write_atomically, self.path, text)
-            self._signature = await asyncio.to_thread(signature, self.path)
+            await self._write(text, stored.id)
             self._swap(policy, f"{action} by {author.key_id if author else 'unknown'}", stored.id, text)
             self._seen_id = max(self._seen_id, stored.id)
             self.file_error = None
@@ -198,10 +202,21 @@ class PolicyReloader:
                     "stored policy version %s is invalid here, version %s stays: %s", stored.id, self.router.policy.version, exc
                 )
                 return None
-            await asyncio.to_thread(write_atomically, self.path, stored.yaml)
-            self._signature = await asyncio.to_thread(signature, self.path)
+            await self._write(stored.yaml, stored.id)
             self._swap(policy, f"version {stored.id} from the database", stored.id, stored.yaml)
             return policy
+
+    async def _write(self, text: str, version_id: int) -> None:
+        """Replace the file (so other workers, and this one after a restart, run the version too).
+        A file that cannot be written (a read-only mount) does not stop the swap: the version
+        runs from the database here, and at the next start the file wins again."""
+        try:
+            await asyncio.to_thread(write_atomically, self.path, text)
+        except OSError as exc:
+            log.warning(
+                "policy file %s not written (%s): version %s runs from the database until a restart", self.path, exc, version_id
+            )
+        self._signature = await asyncio.to_thread(signature, self.path)
 
     def _swap(self, policy: Policy, reason: str, version_id: int | None, text: str) -> None:
         old = self.router.policy.version

@@ -213,7 +213,8 @@ async def test_a_replica_without_the_file_follows_the_database(tmp_path: Path, s
     replicas: list[PolicyReloader] = []
     dbs = []
     try:
-        for name in ("a", "b"):  # each replica its own connection and its own copy of the file
+        (tmp_path / f".c.yaml.{os.getpid()}.tmp").mkdir()  # c's file cannot be replaced (as on a read-only mount)
+        for name in ("a", "b", "c"):  # each replica its own connection and its own copy of the file
             dbs.append(await open_database(shared_db_url))
             path = tmp_path / f"{name}.yaml"
             path.write_text(V1, encoding="utf-8")
@@ -221,15 +222,17 @@ async def test_a_replica_without_the_file_follows_the_database(tmp_path: Path, s
             reloader = PolicyReloader(str(path), models, router, PolicyStore(dbs[-1]), interval=0.05, db_interval=0.1)
             await reloader.start()
             replicas.append(reloader)
-        a, b = replicas
+        a, b, c = replicas
         stored = await a.publish(V2, a.validate(V2), "create", None, "to bbb")
         assert a.router.policy.rules[0].name == "two"
         for _ in range(100):
-            if b.router.policy.rules[0].name == "two":
+            if b.router.policy.rules[0].name == c.router.policy.rules[0].name == "two":
                 break
             await asyncio.sleep(0.05)
         assert b.router.policy.rules[0].name == "two" and b.version_id == stored.id
         assert await asyncio.to_thread(Path(b.path).read_text, encoding="utf-8") == V2  # a restart keeps it
+        assert c.router.policy.rules[0].name == "two" and c.version_id == stored.id  # runs it all the same
+        assert await asyncio.to_thread(Path(c.path).read_text, encoding="utf-8") == V1
         # b's start-up found v1 already the newest (a recorded it): one row for it, not two
         assert [v.action for v in await PolicyStore(dbs[1]).history()] == ["create", "reload-from-file"]
     finally:
