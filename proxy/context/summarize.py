@@ -153,7 +153,7 @@ def summary_key(tenant: str, summarizer: str, room: int, messages: Sequence[Mapp
 @dataclass(frozen=True, slots=True)
 class Summary:
     text: str  # the body, without the header
-    source: str  # "extractive" | "model" | "cached" | "extractive (model failed)"
+    source: str  # "extractive" | "model" | "cached" | "extractive (model timeout|error|empty|echo)"
     cost_nusd: int = 0
 
 
@@ -209,13 +209,15 @@ class Summarizer:
                 reply = await self._providers[name].send(call)
             data = orjson.loads(reply.body)
         except (ThriftyError, TimeoutError, orjson.JSONDecodeError) as exc:
+            why = "timeout" if isinstance(exc, TimeoutError) else "error"
             log.warning("summarizer %s failed (%s); using the extractive summary", name, type(exc).__name__)
-            return Summary(extractive(messages, room * CHARS_PER_TOKEN), "extractive (model failed)")
+            return Summary(extractive(messages, room * CHARS_PER_TOKEN), f"extractive (model {why})")
         usage = usage_from_openai(data.get("usage")) if isinstance(data, dict) else None
         cost = cost_nusd(self._price_of(name), usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) if usage else 0
         text = _reply_text(data).strip()
         if not text or _ECHO in text:  # a base model (Gemma 3 270M here) tends to repeat the prompt instead
-            return Summary(extractive(messages, room * CHARS_PER_TOKEN), "extractive (model failed)", cost)
+            why = "echo" if text else "empty"
+            return Summary(extractive(messages, room * CHARS_PER_TOKEN), f"extractive (model {why})", cost)
         return Summary(text, "model", cost)
 
     async def _cached(self, key: str) -> str | None:

@@ -104,7 +104,7 @@ async def test_a_model_summary_is_used(slm: tuple[FakeUpstream, ModelConfig]) ->
 
 async def test_a_model_that_repeats_its_instructions_gives_way_to_extractive(slm: tuple[FakeUpstream, ModelConfig]) -> None:
     made = await _summarize(*slm, SLM_PROMPT.format(transcript="user: hi") + " mendatang")
-    assert made.source == "extractive (model failed)" and "Achterberg" in made.text
+    assert made.source == "extractive (model echo)" and "Achterberg" in made.text
 
 
 async def test_an_unknown_summarizer_is_extractive() -> None:

@@ -24,6 +24,7 @@ from proxy.config import CacheConfig, ModelConfig, PriceConfig, PruneConfig, Set
 from proxy.cost.tokens import TokenCounter
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream, completion
+from tests.llama import LlamaServer
 from tests.servers import ThreadServer
 from tests.services import redis_url  # noqa: F401
 
@@ -244,7 +245,7 @@ def test_a_slow_summarizer_falls_back_to_the_extractive_summary(
     sent = fake.requests[-1].payload["messages"]
     summary = next(m for m in sent if str(m.get("content", "")).startswith("[Summary of "))
     assert "NOK" in summary["content"] and SUMMARIZER_REPLY not in summary["content"]
-    assert record(db_path, request_id)["prune"].endswith("summary:extractive (model failed)")
+    assert record(db_path, request_id)["prune"].endswith("summary:extractive (model timeout)")
 
 
 def test_summaries_are_shared_through_redis(
@@ -274,3 +275,28 @@ def test_summaries_are_shared_through_redis(
 
 def _summary_calls(fake: FakeUpstream) -> int:
     return len([r for r in fake.requests if r.payload["model"] == "gemma-3-270m"])
+
+
+def test_the_real_local_slm_summarizes_through_its_provider(
+    start: Callable[..., tuple[openai.OpenAI, Path]],
+    chat_fake: FakeUpstream,
+    upstream: tuple[FakeUpstream, ThreadServer],
+    tmp_path: Path,
+    llama_server: LlamaServer,
+    counter: TokenCounter,
+) -> None:
+    """Gemma 3 270M on llama.cpp as the summarizer: a real call within the timeout, its answer used
+    (or, when it only repeats the instructions, the extractive summary), the request within budget."""
+    base = settings_for(upstream[1].url, tmp_path)
+    gemma = ModelConfig("gemma", "llamacpp", llama_server.base_url, upstream_model=llama_server.model)
+    prune = PruneConfig(summarizer="gemma", summary_tokens=48, summary_timeout_seconds=60, summary_input_tokens=600)
+    client, db_path = start(prune, models=(*base.models, gemma))
+    started = time.monotonic()
+    request_id = ask(client, conversation(120), {"x-thrifty-max-input-tokens": "1500"})
+    assert time.monotonic() - started < 60
+    sent = chat_fake.requests[-1].payload["messages"]
+    assert counter.count_messages(sent, "gpt-4o") <= 1500
+    assert sent[0]["role"] == "system" and sent[-1] == {"role": "user", "content": FINAL}
+    assert any(str(m.get("content", "")).startswith("[Summary of ") for m in sent)
+    row = record(db_path, request_id)
+    assert row["prune"] in ("drop_middle,summary:model", "drop_middle,summary:extractive (model echo)"), row["prune"]
