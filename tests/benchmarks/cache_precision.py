@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from proxy.cache import semantic_key
 from proxy.cache.embedder import LocalEmbedder
 
@@ -85,9 +83,9 @@ def score(rows: Sequence[dict[str, Any]], embedder: LocalEmbedder) -> list[Score
         if a is None or b is None:
             raise ValueError(f"pair {r['id']}: not semantically cacheable")
         keys.append((a, b))
-    stored = embedder.embed_sync([a.text for a, _ in keys])
-    asked = embedder.embed_sync([b.text for _, b in keys])
-    similarity = np.einsum("ij,ij->i", stored, asked)
+    unique = sorted({k.text for pair in keys for k in pair})  # a text shared by pairs is embedded once
+    vectors = dict(zip(unique, embedder.embed_sync(unique), strict=True))
+    similarity = [float(vectors[a.text] @ vectors[b.text]) for a, b in keys]
     return [
         Scored(
             r["id"],

@@ -2,7 +2,7 @@
 (tests/data/cache_pairs/, fow-cache 0.1.0, CC BY 4.0) at most 1% of non-duplicates would be
 served a duplicate's answer, measured the way thrifty decides a hit (embedded text and
 partition from ``proxy.cache.semantic_key``, the real in-process embedder, cosine, the
-guard). It runs on every pair (about 5 s): with 300 non-duplicate questions one false hit
+guard). It runs on every pair (5 to 15 s on two shared cores): with 300 non-duplicate questions one false hit
 is 0.33 points, and a 300-question subset (145 of them) was too coarse to hold the claim
 (its first two false hits already make 1.4%). The sweep over thresholds is
 ``python -m tests.benchmarks.cache_precision`` (tests/data/cache_pairs/RESULTS.md)."""
