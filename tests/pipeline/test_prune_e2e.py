@@ -300,3 +300,31 @@ def test_the_real_local_slm_summarizes_through_its_provider(
     assert any(str(m.get("content", "")).startswith("[Summary of ") for m in sent)
     row = record(db_path, request_id)
     assert row["prune"] in ("drop_middle,summary:model", "drop_middle,summary:extractive (model echo)"), row["prune"]
+
+
+POLICY = """\
+version: prune-e2e
+rules:
+  - name: long-chats
+    match: {model: gpt-4o}
+    action:
+      target: gpt-4o-mini
+      prune: {max_input_tokens: 1200, keep_last: 4, allow_opt_out: false}
+"""
+
+
+def test_a_routing_rule_sets_the_budget_and_forbids_opting_out(
+    start: Callable[..., tuple[openai.OpenAI, Path]], chat_fake: FakeUpstream, tmp_path: Path, counter: TokenCounter
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY, encoding="utf-8")
+    client, db_path = start(policies=str(policy))
+    messages = conversation(120)
+    request_id = ask(client, messages, {"x-thrifty-prune": "off", "x-thrifty-max-input-tokens": "50000"})
+    received = chat_fake.requests[-1].payload
+    assert received["model"] == "gpt-4o-mini"
+    assert counter.count_messages(received["messages"], "gpt-4o") <= 1200
+    assert received["messages"][-4:] == messages[-4:]
+    row = record(db_path, request_id)
+    assert (row["route"], row["prune"]) == ("long-chats", "drop_middle,summary:extractive")
+    assert row["prompt_tokens_before"] > row["prompt_tokens"] and row["savings_pruning_nusd"] > 0
