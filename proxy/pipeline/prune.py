@@ -190,9 +190,9 @@ class Pruner:
         else:
             result = self._plan(messages, budget, model)
         sizes, pruned = result
-        exchange.prompt_tokens_before = pure.PRIMER + sum(sizes)
-        if not pruned.strategies:
+        if not pruned.strategies:  # within budget after all: nothing removed, nothing to attribute to pruning
             return parsed
+        exchange.prompt_tokens_before = pure.PRIMER + sum(sizes)
         kept = pruned.messages
         strategies = list(pruned.strategies)
         if pruned.summary_at is not None:

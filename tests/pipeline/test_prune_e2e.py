@@ -328,3 +328,18 @@ def test_a_routing_rule_sets_the_budget_and_forbids_opting_out(
     row = record(db_path, request_id)
     assert (row["route"], row["prune"]) == ("long-chats", "drop_middle,summary:extractive")
     assert row["prompt_tokens_before"] > row["prompt_tokens"] and row["savings_pruning_nusd"] > 0
+
+
+def test_a_request_within_its_budget_claims_no_pruning_savings(
+    start: Callable[..., tuple[openai.OpenAI, Path]], fake: FakeUpstream, counter: TokenCounter
+) -> None:
+    """Over the byte bound but under the budget once counted: sent as is, and the ledger's
+    before/after tokens are the upstream's own (this fake counts words, fewer than tiktoken's tokens)."""
+    client, db_path = start()
+    messages = conversation(20)
+    tokens = counter.count_messages(messages, "gpt-4o")
+    request_id = ask(client, messages, {"x-thrifty-max-input-tokens": str(tokens + 5)})
+    assert fake.requests[-1].payload["messages"] == messages
+    row = record(db_path, request_id)
+    assert row["prune"] is None and row["savings_pruning_nusd"] == 0
+    assert row["prompt_tokens_before"] == row["prompt_tokens"]
