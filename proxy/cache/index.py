@@ -10,13 +10,14 @@ the sign bits (a fraction of a millisecond at 100,000 entries), then the closest
 exactly. The similarity found here is approximate (int8); the cache re-checks a hit against
 the stored float32 vector before serving it, so quantization can cost a hit, never a wrong
 one. Expiry is by absolute time (the same on every replica); each tenant holds at most
-``max_per_tenant`` entries, the least recently used evicted first.
+``max_per_tenant`` entries, the least recently used evicted first (a hundredth of the cap at a
+time, so a full tenant does not scan its entries on every add). Keys are short entry ids;
+per entry the index holds about 0.6 KB in one partition of many (tests/benchmarks/semantic_index.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,9 @@ import numpy.typing as npt
 EXACT_SCAN_ROWS = 4096  # up to this many entries a partition is scanned exactly
 CANDIDATES = 64  # a large partition: how many of the nearest by Hamming distance are checked exactly
 HAMMING_SLACK = 32  # bits above the nearest one's distance that still make a candidate
-_GROW = 1.5
+_GROW = 1.25  # a partition's arrays grow by a quarter (none unused for one entry) ...
+GROW_ROWS_MAX = 4096  # ... and by at most this many rows (a large one keeps little unused room)
+EVICT_SHARE = 100  # a tenant over its cap loses its least recently used 1/100 of the cap at once (at least 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,9 @@ def sign_bits(vectors: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
 class Partition:
     """The entries of one partition: growable arrays, a removed row is filled by the last one."""
 
-    def __init__(self, dims: int, capacity: int = 8):
+    def __init__(self, name: str, tenant: str, dims: int, capacity: int = 1):
+        self.name = name
+        self.tenant = tenant
         self.dims = dims
         self.size = 0
         self.keys: list[str] = []
@@ -64,21 +69,24 @@ class Partition:
         self.scales = np.zeros(capacity, dtype=np.float32)
         self.bits = np.zeros(((dims + 63) // 64, capacity), dtype=np.uint64)
         self.expires = np.zeros(capacity, dtype=np.float64)
+        self.used = np.zeros(capacity, dtype=np.float64)  # when last added or served: the LRU order
 
     def _grow(self) -> None:
-        capacity = max(8, int(len(self.scales) * _GROW))
+        held = len(self.scales)
+        capacity = held + max(1, min(int(held * (_GROW - 1)), GROW_ROWS_MAX))
         self.q8 = np.resize(self.q8, (capacity, self.dims))
         self.scales = np.resize(self.scales, capacity)
         bits = np.zeros((self.bits.shape[0], capacity), dtype=np.uint64)
         bits[:, : self.size] = self.bits[:, : self.size]
         self.bits = bits
         self.expires = np.resize(self.expires, capacity)
+        self.used = np.resize(self.used, capacity)
 
-    def add(self, key: str, q8: npt.NDArray[np.int8], scale: float, expires: float) -> None:
+    def add(self, key: str, q8: npt.NDArray[np.int8], scale: float, expires: float, now: float) -> None:
         if self.size == len(self.scales):
             self._grow()
         row = self.size
-        self.q8[row], self.scales[row], self.expires[row] = q8, scale, expires
+        self.q8[row], self.scales[row], self.expires[row], self.used[row] = q8, scale, expires, now
         self.bits[:, row] = sign_bits(q8[None, :])[:, 0]
         self.keys.append(key)
         self.rows[key] = row
@@ -89,7 +97,12 @@ class Partition:
         last = self.size - 1
         if row != last:
             moved = self.keys[last]
-            self.q8[row], self.scales[row], self.expires[row] = self.q8[last], self.scales[last], self.expires[last]
+            self.q8[row], self.scales[row], self.expires[row], self.used[row] = (
+                self.q8[last],
+                self.scales[last],
+                self.expires[last],
+                self.used[last],
+            )
             self.bits[:, row] = self.bits[:, last]
             self.keys[row] = moved
             self.rows[moved] = row
@@ -123,7 +136,7 @@ class Partition:
         return [(int(rows[i]), float(scores[i])) for i in ranked]
 
     def nbytes(self) -> int:
-        return self.q8.nbytes + self.scales.nbytes + self.bits.nbytes + self.expires.nbytes
+        return self.q8.nbytes + self.scales.nbytes + self.bits.nbytes + self.expires.nbytes + self.used.nbytes
 
 
 class VectorIndex:
@@ -134,14 +147,15 @@ class VectorIndex:
         self.max_per_tenant = max_per_tenant
         self._clock = clock
         self._partitions: dict[str, Partition] = {}
-        # Per tenant, its entries' keys from least to most recently used, with their partition names.
-        self._tenants: dict[str, OrderedDict[str, str]] = {}
+        self._where: dict[str, Partition] = {}  # entry key -> its partition
+        self._counts: dict[str, int] = {}  # entries per tenant
+        self._owned: dict[str, set[str]] = {}  # partition names per tenant
 
     def __len__(self) -> int:
-        return sum(len(keys) for keys in self._tenants.values())
+        return len(self._where)
 
     def __contains__(self, key: object) -> bool:
-        return any(key in keys for keys in self._tenants.values())
+        return key in self._where
 
     def add(self, tenant: str, partition: str, key: str, vector: npt.NDArray[np.float32], expires: float) -> list[str]:
         """Add (or replace) an entry; returns the keys evicted to keep the tenant under its cap."""
@@ -153,30 +167,42 @@ class VectorIndex:
     ) -> list[str]:
         if len(q8) != self.dims:
             raise ValueError(f"a {len(q8)}-dimensional vector in a {self.dims}-dimensional index")
-        owned = self._tenants.setdefault(tenant, OrderedDict())
-        if key in owned:
+        if key in self._where:
             self.remove(tenant, key)
-            owned = self._tenants.setdefault(tenant, OrderedDict())
-        self._partitions.setdefault(partition, Partition(self.dims)).add(key, q8, scale, expires)
-        owned[key] = partition
-        evicted = []
-        while len(owned) > self.max_per_tenant:
-            oldest = next(iter(owned))
-            self.remove(tenant, oldest)
-            evicted.append(oldest)
+        part = self._partitions.get(partition)
+        if part is None:
+            part = self._partitions[partition] = Partition(partition, tenant, self.dims)
+            self._owned.setdefault(tenant, set()).add(partition)
+        part.add(key, q8, scale, expires, self._clock())
+        self._where[key] = part
+        self._counts[tenant] = self._counts.get(tenant, 0) + 1
+        if self._counts[tenant] <= self.max_per_tenant:
+            return []
+        return self._evict(tenant, self._counts[tenant] - self.max_per_tenant + self.max_per_tenant // EVICT_SHARE)
+
+    def _evict(self, tenant: str, count: int) -> list[str]:
+        """The tenant's ``count`` least recently used entries, removed."""
+        parts = [self._partitions[name] for name in self._owned.get(tenant, ())]
+        used = np.concatenate([p.used[: p.size] for p in parts])
+        keys = [key for p in parts for key in p.keys]
+        oldest = np.argsort(used, kind="stable")[:count] if count < len(keys) else np.arange(len(keys))
+        evicted = [keys[i] for i in oldest]
+        for key in evicted:
+            self.remove(tenant, key)
         return evicted
 
     def remove(self, tenant: str, key: str) -> bool:
-        owned = self._tenants.get(tenant)
-        name = owned.pop(key, None) if owned is not None else None
-        if name is None:
+        part = self._where.get(key)
+        if part is None or part.tenant != tenant:
             return False
-        part = self._partitions[name]
+        del self._where[key]
         part.remove(key)
+        self._counts[tenant] -= 1
         if not part.size:
-            del self._partitions[name]
-        if not owned:
-            del self._tenants[tenant]
+            del self._partitions[part.name]
+            self._owned[tenant].discard(part.name)
+        if not self._counts[tenant]:
+            del self._counts[tenant], self._owned[tenant]
         return True
 
     def search(self, partition: str, vector: npt.NDArray[np.float32], threshold: float) -> Match | None:
@@ -193,26 +219,25 @@ class VectorIndex:
 
     def touch(self, tenant: str, key: str) -> None:
         """Mark an entry used (a hit): it is evicted last."""
-        owned = self._tenants.get(tenant)
-        if owned is not None and key in owned:
-            owned.move_to_end(key)
+        part = self._where.get(key)
+        if part is not None and part.tenant == tenant:
+            part.used[part.rows[key]] = self._clock()
 
     def expire(self) -> list[tuple[str, str]]:
         """Drop expired entries; returns their (tenant, key)."""
         now = self._clock()
-        dead: list[tuple[str, str]] = []
-        for tenant, owned in self._tenants.items():
-            for key, name in owned.items():
-                part = self._partitions[name]
-                if part.expires[part.rows[key]] <= now:
-                    dead.append((tenant, key))
+        dead = [
+            (part.tenant, part.keys[row])
+            for part in self._partitions.values()
+            for row in np.flatnonzero(part.expires[: part.size] <= now)
+        ]
         for tenant, key in dead:
             self.remove(tenant, key)
         return dead
 
     def entries(self) -> Iterator[tuple[str, str]]:
-        for tenant, owned in self._tenants.items():
-            yield from ((tenant, key) for key in owned)
+        for key, part in self._where.items():
+            yield part.tenant, key
 
     def nbytes(self) -> int:
         """Bytes held by the vector arrays (the keys and maps come on top: see the benchmark)."""

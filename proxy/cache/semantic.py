@@ -28,7 +28,7 @@ from proxy.cache.embedder import DIMENSIONS, Embedded, Embedder, LocalEmbedder, 
 from proxy.cache.entry import Entry
 from proxy.cache.index import VectorIndex, quantize
 from proxy.cache.semantic_key import SemanticKey, compatible
-from proxy.cache.semantic_sync import MemoryVectors, RedisVectors, Stored, entry_key
+from proxy.cache.semantic_sync import MemoryVectors, RedisVectors, Stored, new_id, pack_index
 from proxy.config import CacheConfig, ModelConfig
 
 log = logging.getLogger("thrifty.cache")
@@ -82,7 +82,7 @@ class SemanticCache:
         self._sweep()
         for match in self.index.search_all(key.partition, vector, threshold - INDEX_MARGIN, CANDIDATES):
             try:
-                stored = await self.store.get(match.key)
+                stored = await self.store.get(key.tenant, match.key)
             except Exception as exc:
                 self._failed("store", exc)
                 return None
@@ -104,12 +104,12 @@ class SemanticCache:
     async def store_answer(self, key: SemanticKey, vector: Vectors, raw: bytes, ttl: float) -> None:
         """Add an answer to the index and the store (``raw``: the entry as encoded for the exact cache)."""
         expires = self._clock() + ttl
-        name = entry_key(key.tenant)
+        name = new_id()
         q8, scale = quantize(vector)
-        fields = {"tenant": key.tenant, "part": key.partition, "q8": q8.tobytes(), "scale": repr(scale), "exp": repr(expires)}
+        packed = pack_index(q8, scale, expires, key.partition)
         evicted = self.index.add_quantized(key.tenant, key.partition, name, q8, scale, expires)
         try:
-            await self.store.put(name, fields, Stored(vector, key.text, raw), ttl, evicted)
+            await self.store.put(key.tenant, name, packed, Stored(vector, key.text, raw), ttl, evicted)
         except Exception as exc:
             self.index.remove(key.tenant, name)  # not in Redis: other replicas would never see it
             self._failed("store", exc)

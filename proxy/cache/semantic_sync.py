@@ -3,15 +3,16 @@
 I/O behind the semantic cache (``proxy.cache.semantic``). :class:`MemoryVectors` keeps
 entries in this process (no ``cache.redis_url``: each replica has its own cache).
 :class:`RedisVectors` keeps each entry as a Redis hash with an expiry,
-``thrifty:cache:{<tenant>}:sem:<id>`` (the tenant is a Cluster hash tag), holding the int8
-vector the index needs, the float32 vector a hit is re-checked with, the question, and the
-answer (``proxy.cache.entry`` encoding). Every add and every eviction is also appended to one
-Redis Stream; each process warm-starts by SCAN-ning the entries (a progress line in the log),
-then follows the stream (XREAD BLOCK on its own connection, in a background task) and applies
-what other replicas added or evicted, within about a second. Expiry needs no message: an entry
-carries its absolute expiry time and every replica drops it at that moment. When Redis goes
-away the follower backs off, and when it answers again re-scans, so nothing stays missing;
-an index entry whose hash is gone (Redis restarted empty) is a miss and is dropped.
+``thrifty:cache:{<tenant>}:sem:<id>`` (the tenant is a Cluster hash tag), holding what the
+index needs packed in one field (``idx``: int8 vector, scale, expiry, partition), the float32
+vector a hit is re-checked with, the question, and the answer (``proxy.cache.entry``
+encoding). Every add and every eviction is also appended to one Redis Stream; each process
+warm-starts by SCAN-ning the entries (a progress line in the log), then follows the stream
+(XREAD BLOCK on its own connection, in a background task) and applies what other replicas
+added or evicted, within about a second. Expiry needs no message: an entry carries its
+absolute expiry time and every replica drops it at that moment. When Redis goes away the
+follower backs off, and when it answers again re-scans, so nothing stays missing; an index
+entry whose hash is gone (Redis restarted empty) is a miss and is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from proxy.cache.embedder import Vectors
 from proxy.cache.index import VectorIndex
@@ -37,7 +40,23 @@ STREAM = "thrifty:cache:semantic:events"
 STREAM_MAX = 200_000  # events kept (approximately): a replica away longer re-scans anyway
 PATTERN = "thrifty:cache:*:sem:*"
 SCAN_BATCH = 500
-_INDEX_FIELDS = ("tenant", "part", "q8", "scale", "exp")
+_HEAD = struct.Struct("<fdH")  # scale, expiry (epoch seconds), dims; then the int8 vector, then the partition
+
+
+def pack_index(q8: npt.NDArray[np.int8], scale: float, expires: float, partition: str) -> bytes:
+    """What the index needs of an entry, in one field: one value to read per entry at warm start."""
+    return _HEAD.pack(scale, expires, len(q8)) + q8.tobytes() + partition.encode()
+
+
+def unpack_index(packed: bytes) -> tuple[npt.NDArray[np.int8], float, float, str]:
+    scale, expires, dims = _HEAD.unpack_from(packed)
+    body = _HEAD.size + dims
+    return np.frombuffer(packed[_HEAD.size : body], dtype=np.int8), scale, expires, packed[body:].decode()
+
+
+def tenant_of(key: str) -> str:
+    """The tenant of an entry key (its Cluster hash tag)."""
+    return key[key.index("{") + 1 : key.index("}")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +68,13 @@ class Stored:
     raw: bytes
 
 
-def entry_key(tenant: str) -> str:
-    return f"thrifty:cache:{{{tenant}}}:sem:{secrets.token_hex(12)}"
+def new_id() -> str:
+    """An entry's id: the index's key (short, it is held per entry), the tail of its Redis key."""
+    return secrets.token_hex(8)
+
+
+def entry_key(tenant: str, entry_id: str) -> str:
+    return f"thrifty:cache:{{{tenant}}}:sem:{entry_id}"
 
 
 class MemoryVectors:
@@ -59,11 +83,11 @@ class MemoryVectors:
     def __init__(self) -> None:
         self._entries: dict[str, Stored] = {}
 
-    async def get(self, key: str) -> Stored | None:
-        return self._entries.get(key)
+    async def get(self, tenant: str, entry_id: str) -> Stored | None:
+        return self._entries.get(entry_id)
 
-    async def put(self, key: str, fields: dict[str, Any], stored: Stored, ttl: float, evicted: list[str]) -> None:
-        self._entries[key] = stored
+    async def put(self, tenant: str, entry_id: str, packed: bytes, stored: Stored, ttl: float, evicted: list[str]) -> None:
+        self._entries[entry_id] = stored
         for old in evicted:
             self._entries.pop(old, None)
 
@@ -96,24 +120,25 @@ class RedisVectors:
         self.failures = 0
         self.synced = asyncio.Event()
 
-    async def get(self, key: str) -> Stored | None:
+    async def get(self, tenant: str, entry_id: str) -> Stored | None:
         async with asyncio.timeout(self._timeout):
-            vec, text, raw = await self.client.hmget(key, ["vec", "text", "raw"])
+            vec, text, raw = await self.client.hmget(entry_key(tenant, entry_id), ["vec", "text", "raw"])
         if vec is None or raw is None:
             return None
         return Stored(np.frombuffer(vec, dtype=np.float32), _text(text or b""), raw)
 
-    async def put(self, key: str, fields: dict[str, Any], stored: Stored, ttl: float, evicted: list[str]) -> None:
-        mapping = {**fields, "vec": stored.vector.astype(np.float32).tobytes(), "text": stored.text, "raw": stored.raw}
-        event = {"op": "add", "key": key, "origin": self.origin, **fields}
+    async def put(self, tenant: str, entry_id: str, packed: bytes, stored: Stored, ttl: float, evicted: list[str]) -> None:
+        mapping = {"idx": packed, "vec": stored.vector.astype(np.float32).tobytes(), "text": stored.text, "raw": stored.raw}
+        event = {"op": "add", "key": entry_id, "tenant": tenant, "idx": packed, "origin": self.origin}
+        key = entry_key(tenant, entry_id)
         async with asyncio.timeout(self._timeout * 3):
             pipe = self.client.pipeline(transaction=False)
             pipe.hset(key, mapping=mapping)
             pipe.pexpire(key, max(int(ttl * 1000), 1))
             pipe.xadd(STREAM, event, maxlen=STREAM_MAX, approximate=True)
             for old in evicted:
-                pipe.delete(old)
-                pipe.xadd(STREAM, {"op": "evict", "key": old, "tenant": fields["tenant"], "origin": self.origin})
+                pipe.delete(entry_key(tenant, old))
+                pipe.xadd(STREAM, {"op": "evict", "key": old, "tenant": tenant, "origin": self.origin})
             await pipe.execute()
 
     def forget(self, keys: list[str]) -> None:
@@ -170,10 +195,11 @@ class RedisVectors:
     async def _load(self, index: VectorIndex, keys: list[Any]) -> int:
         pipe = self._follow.pipeline(transaction=False)
         for key in keys:
-            pipe.hmget(key, list(_INDEX_FIELDS))
+            pipe.hget(key, "idx")
         loaded = 0
-        for key, values in zip(keys, await pipe.execute(), strict=True):
-            loaded += self._apply(index, {"op": "add", "key": _text(key), **dict(zip(_INDEX_FIELDS, values, strict=True))})
+        for key, packed in zip(keys, await pipe.execute(), strict=True):
+            name = _text(key)
+            loaded += self._apply(index, {"op": "add", "key": name.rsplit(":", 1)[-1], "tenant": tenant_of(name), "idx": packed})
         return loaded
 
     async def _read(self, index: VectorIndex, last: str) -> str:
@@ -193,13 +219,16 @@ class RedisVectors:
         if op == "evict":
             index.remove(tenant, key)
             return 0
-        q8, part, scale, expires = event.get("q8"), event.get("part"), event.get("scale"), event.get("exp")
-        if op != "add" or not tenant or q8 is None or part is None or scale is None or expires is None:
+        packed = event.get("idx")
+        if op != "add" or not tenant or not isinstance(packed, bytes):
             return 0
-        vector = np.frombuffer(q8, dtype=np.int8)
-        if len(vector) != index.dims or float(_text(expires)) <= time.time():
+        try:
+            vector, scale, expires, partition = unpack_index(packed)
+        except (struct.error, UnicodeDecodeError, ValueError):
+            return 0  # written by another version: skipped, never guessed at
+        if len(vector) != index.dims or expires <= time.time() or not partition.startswith(tenant + "/"):
             return 0
-        index.add_quantized(tenant, _text(part), key, vector, float(_text(scale)), float(_text(expires)))
+        index.add_quantized(tenant, partition, key, vector, scale, expires)
         return 1
 
     async def close(self) -> None:

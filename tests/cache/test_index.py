@@ -81,16 +81,32 @@ def test_replace_remove_and_expire(rng: np.random.Generator) -> None:
 
 
 def test_each_tenant_keeps_its_cap_and_loses_its_least_recently_used(rng: np.random.Generator) -> None:
-    index = VectorIndex(DIMS, 3, Clock())
+    clock = Clock()
+    index = VectorIndex(DIMS, 3, clock)
     vectors = unit(rng, 5)
     for i in range(3):
         assert index.add("t", f"t/p{i % 2}", f"k{i}", vectors[i], 5000) == []
+        clock.now += 1
     index.add("other", "other/p", "o", vectors[4], 5000)
+    clock.now += 1
     index.touch("t", "k0")  # a hit: k1 is now the least recently used
+    clock.now += 1
     assert index.add("t", "t/p0", "k3", vectors[3], 5000) == ["k1"]
     assert sorted(k for _, k in index.entries()) == ["k0", "k2", "k3", "o"]
     assert index.search("t/p1", vectors[1], 0.5) is None
     assert index.search("other/p", vectors[4], 0.99) is not None  # another tenant's cap is its own
+    assert not index.remove("other", "k0") and "k0" in index  # a key is removed only by its own tenant
+
+
+def test_a_full_tenant_loses_a_hundredth_of_its_cap_at_once(rng: np.random.Generator) -> None:
+    clock = Clock()
+    index = VectorIndex(DIMS, 200, clock)
+    vectors = unit(rng, 201)
+    for i, v in enumerate(vectors[:200]):
+        index.add("t", f"t/p{i % 7}", f"k{i}", v, 5000)
+        clock.now += 1
+    assert index.add("t", "t/p0", "new", vectors[200], 5000) == ["k0", "k1", "k2"]
+    assert len(index) == 198
 
 
 def test_removing_rows_keeps_the_others_findable(rng: np.random.Generator) -> None:
