@@ -13,11 +13,12 @@ in order, each only while the conversation is still over budget:
    first user message) and the last ``keep_last`` messages, leaving room for a summary;
 4. ``drop_recent``: the last resort, the same among the last ``keep_last`` messages.
 
-Never dropped or altered: system / developer messages and the last user message (with the
-turn it opens: an agent's tool calls and results after it). The first user message is never
-dropped. An assistant message with tool calls and the tool results that follow it are one
-unit, kept or dropped together; a message with images is never rewritten, so it is kept or
-dropped whole; order is preserved. What ``drop_*`` removed is returned for summarizing, with
+Never dropped or altered: system / developer messages and the last user message. Never
+dropped: the first user message and the last message's unit (in an agent loop, the latest
+tool call and its results; older ones after the last user message can go). An assistant
+message with tool calls and the tool results that follow it are one unit, kept or dropped
+together; a message with images is never rewritten, so it is kept or dropped whole; order
+is preserved. What ``drop_*`` removed is returned for summarizing, with
 the place the summary goes.
 """
 
@@ -131,17 +132,17 @@ def prune(messages: Sequence[Message], sizes: Sequence[int], budget: Budget, mea
 def _classify(
     messages: Sequence[Message], spans: list[tuple[int, int]], keep_last: int
 ) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
-    """The units never dropped (system prompts, first user message, the final turn) and the recent ones."""
+    """The units never dropped and the recent ones (dropped only as a last resort).
+
+    Never dropped: system prompts, the first and the last user message, and the last unit (the
+    latest answer or tool result the model responds to). An agent loop's older tool calls after
+    the last user message can go: they are often most of its history.
+    """
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
-    final_from = users[-1] if users else spans[-1][0]
-    first_user = users[0] if users else -1
-    protected = set()
+    keep = {users[0], users[-1]} if users else set()
+    protected = {spans[-1]}
     for start, end in spans:
-        if (
-            end > final_from
-            or start <= first_user < end
-            or any(messages[i].get("role") in _PROTECTED_ROLES for i in range(start, end))
-        ):
+        if any(i in keep or messages[i].get("role") in _PROTECTED_ROLES for i in range(start, end)):
             protected.add((start, end))
     recent_from = len(messages) - keep_last
     recent = {(s, e) for s, e in spans if e > recent_from}

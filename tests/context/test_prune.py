@@ -88,8 +88,9 @@ def test_invariants(messages: list[Message], limit: int, keep_last: int, summari
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     assert users[-1] in positions and kept[positions.index(users[-1])] is messages[users[-1]]
     assert users[0] in positions
-    # everything after the last user message (the current agent turn) is kept
-    assert set(range(users[-1], len(messages))) <= set(positions)
+    # the last message's unit (the latest tool call and its results, or the last message) is kept
+    last_start, last_end = units(messages)[-1]
+    assert set(range(last_start, last_end)) <= set(positions)
     # a tool call and its results are kept or dropped together
     for start, end in units(messages):
         inside = [p for p in positions if start <= p < end]
@@ -196,3 +197,17 @@ def test_units_group_a_tool_call_with_its_results() -> None:
     call: dict[str, Any] = {"role": "assistant", "tool_calls": [{"id": "a"}, {"id": "b"}]}
     messages: list[Message] = [{"role": "user"}, call, {"role": "tool"}, {"role": "tool"}, {"role": "assistant"}]
     assert units(messages) == [(0, 1), (1, 4), (4, 5)]
+
+
+def test_an_agent_loop_drops_its_older_tool_calls_after_the_user_message() -> None:
+    messages: list[Message] = [{"role": "system", "content": "agent"}, {"role": "user", "content": "fix the build"}]
+    for i in range(30):
+        call = {"id": f"c{i}", "type": "function", "function": {"name": "sh", "arguments": f'{{"cmd": "step {i}"}}'}}
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"c{i}", "content": f"output {i} " * 60},
+        ]
+    out = prune(messages, sizes(messages), Budget(1500, keep_last=4), measure)
+    assert out.fits and "drop_middle" in out.strategies
+    assert out.messages[:2] == messages[:2] and out.messages[-4:] == messages[-4:]
+    assert out.summary_at == 2 and len(out.dropped) % 2 == 0  # whole call/result pairs
