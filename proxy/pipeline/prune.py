@@ -162,6 +162,7 @@ class Pruner:
         cache_scope: str = "team",
     ):
         self.config = config
+        self._counter = counter
         self.sizer = MessageSizer(counter)
         self._capabilities = capabilities
         self.summarizer = summarizer
@@ -185,7 +186,7 @@ class Pruner:
         if bound <= budget.max_tokens:
             return parsed
         model = target.target_model
-        if bound > OFF_THREAD_BYTES:
+        if bound > OFF_THREAD_BYTES or not self._counter.ready(model):  # a first load of an encoding takes a second
             result = await asyncio.to_thread(self._plan, messages, budget, model)
         else:
             result = self._plan(messages, budget, model)
