@@ -26,8 +26,9 @@ from tests.services import RedisProcess
 
 WORKERS = 16
 QUESTIONS = 12
-# Seconds. The store leaves Redis alone for up to 5 s after a failure, and a first call that
-# overruns the 0.1 s timeout on a busy machine starts another 5 s: seen 0.4 to 8.6 s.
+# Seconds. The store leaves Redis alone for up to 5 s after failures (its first call after a
+# restart came 2.0 to 2.4 s later with nothing else running); under this load on two busy
+# cores hits resumed 0.4 to 8.6 s after the restart.
 RESUME_WITHIN = 20.0
 
 
