@@ -155,7 +155,8 @@ class LocalEmbedder:
 class RemoteEmbedder:
     """An OpenAI-compatible ``/v1/embeddings`` endpoint, on the gateway's pooled HTTP session."""
 
-    def __init__(self, session: Any, base_url: str, model: str, api_key: str | None = None, timeout: float = 10.0):
+    # The lookup waits on it: a slow endpoint must cost a miss, not the request's time.
+    def __init__(self, session: Any, base_url: str, model: str, api_key: str | None = None, timeout: float = 2.0):
         import aiohttp
 
         self.name = f"remote:{model}"

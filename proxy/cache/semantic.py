@@ -29,6 +29,7 @@ from proxy.cache.entry import Entry
 from proxy.cache.index import VectorIndex, quantize
 from proxy.cache.semantic_key import SemanticKey, compatible
 from proxy.cache.semantic_sync import MemoryVectors, RedisVectors, Stored, new_id, pack_index
+from proxy.cache.store import retry_delay
 from proxy.config import CacheConfig, ModelConfig
 
 log = logging.getLogger("thrifty.cache")
@@ -62,17 +63,22 @@ class SemanticCache:
         self._swept = clock()
         self.counts: Counter[str] = Counter()
         self.embed_seconds = 0.0
+        # After a failure the embedder or the store is left alone for a growing back-off (at most 5 s).
+        self._down: dict[str, tuple[int, float]] = {}  # what -> (failures in a row, retry at, monotonic)
 
     async def start(self) -> None:
         await self.store.start(self.index)
 
     async def embed(self, text: str) -> tuple[Vectors | None, int]:
         """The text's vector (None when the embedder failed) and its cost in nano-dollars."""
+        if self._resting("embedder"):
+            return None, 0
         try:
             done: Embedded = await self.embedder.embed_counted([text])
         except Exception as exc:  # an embedder down or broken is a miss, never a failed request
             self._failed("embedder", exc)
             return None, 0
+        self._recovered("embedder")
         self.counts["embeddings"] += 1
         self.embed_seconds += done.seconds
         return done.vectors[0], self._price_tokens(done.tokens) if done.tokens else 0
@@ -81,11 +87,14 @@ class SemanticCache:
         """The closest stored answer that passes the float re-check and the guard, among a few candidates."""
         self._sweep()
         for match in self.index.search_all(key.partition, vector, threshold - INDEX_MARGIN, CANDIDATES):
+            if self._resting("store"):
+                return None
             try:
                 stored = await self.store.get(key.tenant, match.key)
             except Exception as exc:
                 self._failed("store", exc)
                 return None
+            self._recovered("store")
             if stored is None:  # gone from Redis (expired early, evicted, or Redis restarted empty)
                 self.index.remove(key.tenant, match.key)
                 continue
@@ -103,6 +112,8 @@ class SemanticCache:
 
     async def store_answer(self, key: SemanticKey, vector: Vectors, raw: bytes, ttl: float) -> None:
         """Add an answer to the index and the store (``raw``: the entry as encoded for the exact cache)."""
+        if self._resting("store"):
+            return
         expires = self._clock() + ttl
         name = new_id()
         q8, scale = quantize(vector)
@@ -114,6 +125,7 @@ class SemanticCache:
             self.index.remove(key.tenant, name)  # not in Redis: other replicas would never see it
             self._failed("store", exc)
             return
+        self._recovered("store")
         self.counts["stored"] += 1
 
     def _sweep(self) -> None:
@@ -124,9 +136,24 @@ class SemanticCache:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.counts[f"errors_{what}"] += 1
+        failures = self._down.get(what, (0, 0.0))[0] + 1
+        self._down[what] = (failures, time.monotonic() + retry_delay(failures))
         total = self.counts[f"errors_{what}"]
         if total == 1 or total % 100 == 0:
             log.warning("semantic cache %s failed (%s: %s); serving uncached (%d so far)", what, type(exc).__name__, exc, total)
+
+    def _resting(self, what: str) -> bool:
+        """Whether ``what`` failed lately and is left alone for now (counted as skipped)."""
+        down = self._down.get(what)
+        if down is None or time.monotonic() >= down[1]:
+            return False
+        self.counts[f"skipped_{what}"] += 1
+        return True
+
+    def _recovered(self, what: str) -> None:
+        if what in self._down:
+            failures, _ = self._down.pop(what)
+            log.info("semantic cache %s answers again after %d failures", what, failures)
 
     def stats(self) -> dict[str, Any]:
         return {
