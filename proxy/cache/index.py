@@ -4,15 +4,16 @@ Pure data structure, no I/O, no awaits: the semantic cache (``proxy.cache.semant
 what it stores or what other replicas announce, and searches it with the embedding of a
 request. Entries live in partitions (see ``proxy.cache.semantic_key``) and a search only
 ever looks inside one, so a tenant or a conversation never sees another's entries. Each
-vector is kept as int8 with its scale (384 + 4 bytes), plus 384 sign bits stored column-wise
-(48 bytes). A small partition is scanned exactly; a large one first by Hamming distance over
-the sign bits (a fraction of a millisecond at 100,000 entries), then the closest candidates
-exactly. The similarity found here is approximate (int8); the cache re-checks a hit against
-the stored float32 vector before serving it, so quantization can cost a hit, never a wrong
-one. Expiry is by absolute time (the same on every replica); each tenant holds at most
-``max_per_tenant`` entries, the least recently used evicted first (a hundredth of the cap at a
-time, so a full tenant does not scan its entries on every add). Keys are short entry ids;
-per entry the index holds about 0.6 KB in one partition of many (tests/benchmarks/semantic_index.py).
+vector is kept as int8 with its scale, expiry and last use (384 + 24 bytes); a partition past
+4,096 entries also keeps 384 sign bits per entry, column-wise (48 bytes), and is searched first
+by Hamming distance over them (a fraction of a millisecond at 100,000 entries), then the
+closest candidates exactly; a smaller one is scanned exactly. The similarity found here is
+approximate (int8); the cache re-checks a hit against the stored float32 vector before
+serving it, so quantization can cost a hit, never a wrong one. Expiry is by absolute time
+(the same on every replica); each tenant holds at most ``max_per_tenant`` entries, the least
+recently used evicted first (a hundredth of the cap at a time, so a full tenant does not scan
+its entries on every add). Keys are short entry ids.
+Memory per entry, keys and maps included: tests/benchmarks/semantic_index.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ EXACT_SCAN_ROWS = 4096  # up to this many entries a partition is scanned exactly
 CANDIDATES = 64  # a large partition: how many of the nearest by Hamming distance are checked exactly
 HAMMING_SLACK = 32  # bits above the nearest one's distance that still make a candidate
 _GROW = 1.25  # a partition's arrays grow by a quarter (none unused for one entry) ...
+SMALL_ROWS = 16  # up to this many entries a partition finds a key by a list search (no map)
 GROW_ROWS_MAX = 4096  # ... and by at most this many rows (a large one keeps little unused room)
 EVICT_SHARE = 100  # a tenant over its cap loses its least recently used 1/100 of the cap at once (at least 1)
 
@@ -56,7 +58,14 @@ def sign_bits(vectors: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
 
 
 class Partition:
-    """The entries of one partition: growable arrays, a removed row is filled by the last one."""
+    """The entries of one partition: growable arrays, a removed row is filled by the last one.
+
+    Small partitions (one per conversation is common) carry as little as possible: no key map
+    below :data:`SMALL_ROWS` entries (a list search), no sign bits until the Hamming prefilter
+    is needed, and scale, expiry and last use in one float64 array.
+    """
+
+    __slots__ = ("bits", "dims", "keys", "meta", "name", "q8", "rows", "size", "tenant")
 
     def __init__(self, name: str, tenant: str, dims: int, capacity: int = 1):
         self.name = name
@@ -64,54 +73,63 @@ class Partition:
         self.dims = dims
         self.size = 0
         self.keys: list[str] = []
-        self.rows: dict[str, int] = {}
+        self.rows: dict[str, int] | None = None  # key -> row, once the partition is not small
         self.q8 = np.zeros((capacity, dims), dtype=np.int8)
-        self.scales = np.zeros(capacity, dtype=np.float32)
-        self.bits = np.zeros(((dims + 63) // 64, capacity), dtype=np.uint64)
-        self.expires = np.zeros(capacity, dtype=np.float64)
-        self.used = np.zeros(capacity, dtype=np.float64)  # when last added or served: the LRU order
+        self.meta = np.zeros((capacity, 3), dtype=np.float64)  # scale, expiry, last use (the LRU order)
+        self.bits: npt.NDArray[np.uint64] | None = None  # sign bits, column-wise, once the partition is large
+
+    def row(self, key: str) -> int:
+        return self.rows[key] if self.rows is not None else self.keys.index(key)
 
     def _grow(self) -> None:
-        held = len(self.scales)
+        held = len(self.meta)
         capacity = held + max(1, min(int(held * (_GROW - 1)), GROW_ROWS_MAX))
-        self.q8 = np.resize(self.q8, (capacity, self.dims))
-        self.scales = np.resize(self.scales, capacity)
-        bits = np.zeros((self.bits.shape[0], capacity), dtype=np.uint64)
-        bits[:, : self.size] = self.bits[:, : self.size]
-        self.bits = bits
-        self.expires = np.resize(self.expires, capacity)
-        self.used = np.resize(self.used, capacity)
+        # Copied into exact-size arrays: np.resize would keep a view of a larger buffer.
+        q8 = np.zeros((capacity, self.dims), dtype=np.int8)
+        q8[: self.size] = self.q8[: self.size]
+        meta = np.zeros((capacity, 3), dtype=np.float64)
+        meta[: self.size] = self.meta[: self.size]
+        self.q8, self.meta = q8, meta
+        if self.bits is not None:
+            bits = np.zeros((self.bits.shape[0], capacity), dtype=np.uint64)
+            bits[:, : self.size] = self.bits[:, : self.size]
+            self.bits = bits
 
     def add(self, key: str, q8: npt.NDArray[np.int8], scale: float, expires: float, now: float) -> None:
-        if self.size == len(self.scales):
+        if self.size == len(self.meta):
             self._grow()
         row = self.size
-        self.q8[row], self.scales[row], self.expires[row], self.used[row] = q8, scale, expires, now
-        self.bits[:, row] = sign_bits(q8[None, :])[:, 0]
+        self.q8[row] = q8
+        self.meta[row] = (scale, expires, now)
         self.keys.append(key)
-        self.rows[key] = row
         self.size += 1
+        if self.rows is not None:
+            self.rows[key] = row
+        elif self.size > SMALL_ROWS:
+            self.rows = {k: i for i, k in enumerate(self.keys)}
+        if self.bits is not None:
+            self.bits[:, row] = sign_bits(q8[None, :])[:, 0]
+        elif self.size > EXACT_SCAN_ROWS:  # from now on searched through the Hamming prefilter
+            self.bits = np.zeros(((self.dims + 63) // 64, len(self.meta)), dtype=np.uint64)
+            self.bits[:, : self.size] = sign_bits(self.q8[: self.size])
 
     def remove(self, key: str) -> None:
-        row = self.rows.pop(key)
+        row = self.rows.pop(key) if self.rows is not None else self.keys.index(key)
         last = self.size - 1
         if row != last:
             moved = self.keys[last]
-            self.q8[row], self.scales[row], self.expires[row], self.used[row] = (
-                self.q8[last],
-                self.scales[last],
-                self.expires[last],
-                self.used[last],
-            )
-            self.bits[:, row] = self.bits[:, last]
+            self.q8[row], self.meta[row] = self.q8[last], self.meta[last]
+            if self.bits is not None:
+                self.bits[:, row] = self.bits[:, last]
             self.keys[row] = moved
-            self.rows[moved] = row
+            if self.rows is not None:
+                self.rows[moved] = row
         self.keys.pop()
         self.size = last
 
     def candidates(self, query: npt.NDArray[np.float32]) -> npt.NDArray[np.intp]:
         n = self.size
-        if n <= EXACT_SCAN_ROWS:
+        if self.bits is None or n <= EXACT_SCAN_ROWS:
             return np.arange(n)
         q = sign_bits(query[None, :])[:, 0]
         distance = np.bitwise_count(self.bits[0, :n] ^ q[0]).astype(np.uint16)
@@ -127,8 +145,9 @@ class Partition:
         rows = self.candidates(query)
         if not len(rows):
             return []
-        scores = (self.q8[rows].astype(np.float32) @ query) * self.scales[rows]
-        scores[self.expires[rows] <= now] = -2.0
+        meta = self.meta[rows]
+        scores = (self.q8[rows].astype(np.float32) @ query) * meta[:, 0]
+        scores[meta[:, 1] <= now] = -2.0
         passing = np.flatnonzero(scores >= floor)
         if len(passing) > limit:
             passing = passing[np.argpartition(-scores[passing], limit)[:limit]]
@@ -136,7 +155,7 @@ class Partition:
         return [(int(rows[i]), float(scores[i])) for i in ranked]
 
     def nbytes(self) -> int:
-        return self.q8.nbytes + self.scales.nbytes + self.bits.nbytes + self.expires.nbytes + self.used.nbytes
+        return self.q8.nbytes + self.meta.nbytes + (self.bits.nbytes if self.bits is not None else 0)
 
 
 class VectorIndex:
@@ -183,7 +202,7 @@ class VectorIndex:
     def _evict(self, tenant: str, count: int) -> list[str]:
         """The tenant's ``count`` least recently used entries, removed."""
         parts = [self._partitions[name] for name in self._owned.get(tenant, ())]
-        used = np.concatenate([p.used[: p.size] for p in parts])
+        used = np.concatenate([p.meta[: p.size, 2] for p in parts])
         keys = [key for p in parts for key in p.keys]
         oldest = np.argsort(used, kind="stable")[:count] if count < len(keys) else np.arange(len(keys))
         evicted = [keys[i] for i in oldest]
@@ -221,7 +240,7 @@ class VectorIndex:
         """Mark an entry used (a hit): it is evicted last."""
         part = self._where.get(key)
         if part is not None and part.tenant == tenant:
-            part.used[part.rows[key]] = self._clock()
+            part.meta[part.row(key), 2] = self._clock()
 
     def expire(self) -> list[tuple[str, str]]:
         """Drop expired entries; returns their (tenant, key)."""
@@ -229,7 +248,7 @@ class VectorIndex:
         dead = [
             (part.tenant, part.keys[row])
             for part in self._partitions.values()
-            for row in np.flatnonzero(part.expires[: part.size] <= now)
+            for row in np.flatnonzero(part.meta[: part.size, 1] <= now)
         ]
         for tenant, key in dead:
             self.remove(tenant, key)
