@@ -99,6 +99,11 @@ class ResponseCache:
             plan.semantic = semantic_key(payload, tenant, exchange.route, self.semantic.embedder.name)
             threshold = route.threshold if route is not None else None
             plan.threshold = threshold if threshold is not None else (self.config.threshold or DEFAULT_THRESHOLD)
+        elif mode == "semantic" and not self.counts["semantic_unavailable"]:
+            # A policy reloaded with a semantic rule after start-up, or an embedder that failed to start.
+            log.warning("a rule asks for the semantic cache, which is not running (restart to load it); exact cache only")
+        if mode == "semantic" and self.semantic is None:
+            self.counts["semantic_unavailable"] += 1
         return plan
 
     async def lookup(self, plan: Plan) -> Entry | None:

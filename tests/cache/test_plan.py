@@ -60,6 +60,15 @@ def test_none_fields_fall_back_to_the_gateway_config() -> None:
     assert plan is not None and plan.semantic is None
 
 
+def test_a_semantic_rule_without_a_semantic_cache_gets_the_exact_cache(caplog: pytest.LogCaptureFixture) -> None:
+    cache = ResponseCache(MemoryStore(100, 1 << 20), CacheConfig())
+    for _ in range(2):
+        plan = cache.plan(exchange(RouteCache(mode="semantic")), None)
+        assert plan is not None and plan.semantic is None and plan.read
+    assert cache.stats()["semantic_unavailable"] == 2
+    assert sum("not running" in r.message for r in caplog.records) == 1  # said once
+
+
 def test_off_bypasses_and_uncacheable_requests_bypass() -> None:
     cache = cache_for(mode="semantic")
     off = exchange(RouteCache(mode="off"))
