@@ -46,6 +46,9 @@ rules:
   - name: all-bad
     match: {model: auto-bad}
     action: {target: [gpt-4o-mini, dead]}
+  - name: renamed
+    match: {model: auto-renamed}
+    action: {target: [dead, fast]}
 """
 MESSAGES: Any = [{"role": "user", "content": "hello there"}]
 
@@ -196,6 +199,14 @@ def test_a_closed_port_fails_over_with_no_client_error_plain_and_streamed(
     assert models_asked(fake) == ["gpt-4o", "gpt-4o"]
     record = ledger(routed, raw.headers["x-request-id"])
     assert (record["attempts"], record["served_model"]) == (3, "gpt-4o")  # dead twice (one retry), then gpt-4o
+
+
+def test_the_fallback_is_sent_its_own_upstream_model_name(sdk: Start, fake: FakeUpstream, routed: Settings) -> None:
+    raw = sdk().chat.completions.with_raw_response.create(model="auto-renamed", messages=MESSAGES, stream=False)
+    assert raw.headers["x-thrifty-model"] == "fast"
+    assert models_asked(fake) == ["gpt-4o-mini-2024-07-18"]  # fast's upstream_model, not "dead" nor "fast"
+    record = ledger(routed, raw.headers["x-request-id"])
+    assert (record["served_model"], record["requested_model"], record["route"]) == ("fast", "auto-renamed", "renamed")
 
 
 def test_a_first_byte_slower_than_its_timeout_falls_back(sdk: Start, fake: FakeUpstream, routed: Settings) -> None:
