@@ -10,8 +10,8 @@ conversations lives in two partitions), tools, response_format, max_tokens and t
 generation parameters, with the temperature in buckets of 0.1 (the seed is left out: a
 paraphrase asked with another seed may take the same answer). After a cosine match,
 :func:`compatible` refuses a hit whose numbers or negations differ from the stored
-question's ("is 7 prime" vs "is 8 prime", "can I" vs "can't I"), the near-misses that embed
-almost identically.
+question's ("is 7 prime" vs "is 8 prime", "can I" vs "can't I") or that has the same words
+in another order ("from A to B" vs "from B to A"): the near-misses that embed almost identically.
 """
 
 from __future__ import annotations
@@ -95,6 +95,23 @@ def _signature(text: str) -> tuple[tuple[str, ...], int]:
     return numbers, len(_NEGATION.findall(text.replace("’", "'"))) % 2
 
 
+# Words that carry no meaning of their own in a question: ignored when word order is compared.
+_FILLER_WORDS = (
+    "a an the i me my we our you your it its is are am be do does did can could would should will to of in on at for"
+    " with and or so uh um hi hello hey there please thanks thank just what whats how where when which who why"
+)
+_FILLER = frozenset(_FILLER_WORDS.split())
+_WORD = re.compile(r"[a-z0-9£$€%']+")
+
+
+def _content_words(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower().replace("’", "'")) if w not in _FILLER]
+
+
 def compatible(question: str, stored: str) -> bool:
-    """Whether a close match may be served: the same numbers, and negated alike (an even or odd count)."""
-    return _signature(question) == _signature(stored)
+    """Whether a close match may be served: the same numbers, negated alike (an even or odd count), and
+    not the same content words in another order ("from savings to current" vs "from current to savings")."""
+    if _signature(question) != _signature(stored):
+        return False
+    asked, kept = _content_words(question), _content_words(stored)
+    return asked == kept or sorted(asked) != sorted(kept)

@@ -70,3 +70,8 @@ def test_the_guard_refuses_other_numbers_and_negations() -> None:
     assert not compatible("Can I use Python 3.11?", "Can't I use Python 3.11?")
     assert not compatible("Should I take the job?", "Should I not take the job?")
     assert compatible("I can't log in", "I cannot log in")
+    swapped = "Transfer £50 from my current account to my savings"
+    assert not compatible("Transfer £50 from my savings to my current account", swapped)
+    assert not compatible("Does the dog bite the man?", "Does the man bite the dog?")
+    polite = "Hi, please transfer £50 from my savings to my current account"
+    assert compatible(polite, "transfer £50 from savings to current account")
