@@ -207,9 +207,12 @@ class RedisVectors:
         for _, events in answer or ():
             for event_id, fields in events:
                 last = _text(event_id)
-                event = {_text(k): v for k, v in fields.items()}
-                if _text(event.get("origin", b"")) != self.origin:
-                    self._apply(index, event)
+                try:
+                    event = {_text(k): v for k, v in fields.items()}
+                    if _text(event.get("origin", b"")) != self.origin:
+                        self._apply(index, event)
+                except (UnicodeDecodeError, ValueError) as exc:  # skipped: a bad event must not stall the follower
+                    log.warning("semantic cache: stream event %s skipped (%s)", last, exc)
         return last
 
     @staticmethod
