@@ -15,7 +15,9 @@ What it measures, all in this process on the real structures:
 - bytes per entry: tracemalloc's growth while the index is built (arrays, keys, maps), and the
   vector arrays alone;
 - warm start: the entries written to a private Redis (RedisProcess from tests.services, never
-  the shared server) in thrifty's format, then ``RedisVectors.warm_start`` into a fresh index.
+  the shared server) in thrifty's format, then ``RedisVectors.warm_start`` into a fresh index;
+- the whole semantic lookup after the embedding (``SemanticCache.lookup``: index search, the
+  candidate fetched from that Redis, float re-check, guard, decode), p50/p99.
 
 The 100,000 vectors are made from real embeddings of 2,000 generated questions (random
 mixtures of two plus noise, normalized), so they keep MiniLM's anisotropy; the queries are
@@ -35,8 +37,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from proxy.cache import entry as entries
 from proxy.cache.embedder import LocalEmbedder
 from proxy.cache.index import VectorIndex, quantize
+from proxy.cache.semantic import SemanticCache
+from proxy.cache.semantic_key import SemanticKey
 from proxy.cache.semantic_sync import RedisVectors, pack_index
 
 SUBJECTS = ["my password", "the invoice", "a refund", "the API key", "my order", "the subscription", "a flight", "the report"]
@@ -130,13 +135,18 @@ def bench_lookup(vectors: npt.NDArray[np.float32], queries: int, seed: int) -> N
         print(f"  bytes per entry: {grown / n:.0f} (tracemalloc growth: arrays, keys, maps); vector arrays alone {arrays:.0f}")
 
 
-async def bench_warm_start(vectors: npt.NDArray[np.float32]) -> None:
+async def bench_warm_start(vectors: npt.NDArray[np.float32], queries: int) -> None:
     from tests.services import RedisProcess
 
     server = RedisProcess().start()
     try:
         writer = RedisVectors(server.url, 5.0)
-        raw = b'{"v":1,"tenant":"team:bench","response":{"object":"chat.completion","choices":[]}}' * 4
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Open Settings, then Security. " * 8},
+            "finish_reason": "stop",
+        }
+        raw = entries.encode("team:bench", {"object": "chat.completion", "model": "m", "choices": [choice]}, None, time.time())
         started = time.perf_counter()
         for start in range(0, len(vectors), 2000):
             pipe = writer.client.pipeline(transaction=False)
@@ -151,13 +161,46 @@ async def bench_warm_start(vectors: npt.NDArray[np.float32]) -> None:
         print(f"warm start: {len(vectors):,} entries written to a private Redis in {time.perf_counter() - started:.1f} s")
         memory = await writer.client.info("memory")
         print(f"  Redis used_memory: {memory['used_memory'] / len(vectors):.0f} bytes per entry (float32 vector, int8, answer)")
-        index = VectorIndex(vectors.shape[1], len(vectors) + 1)
+        reader = RedisVectors(server.url, 0.1)
+        cache = SemanticCache(Unused(), reader, vectors.shape[1], len(vectors) + 1)
         started = time.perf_counter()
-        loaded = await RedisVectors(server.url, 5.0).warm_start(index)
-        print(f"  warm start (SCAN + HMGET, pipelined): {loaded:,} entries in {time.perf_counter() - started:.2f} s")
+        loaded = await reader.warm_start(cache.index)
+        print(f"  warm start (SCAN + HGET, pipelined): {loaded:,} entries in {time.perf_counter() - started:.2f} s")
+        await bench_semantic_lookup(cache, vectors, queries)
+        await cache.close()
         await writer.close()
     finally:
         server.stop()
+
+
+class Unused:
+    """The lookups below are handed their vectors: no embedder runs."""
+
+    name = "unused"
+
+    async def embed(self, texts: list[str]) -> Any:
+        raise NotImplementedError
+
+    async def embed_counted(self, texts: list[str]) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+async def bench_semantic_lookup(cache: SemanticCache, vectors: npt.NDArray[np.float32], queries: int) -> None:
+    """``SemanticCache.lookup`` after the embedding: index search, Redis HMGET, float re-check, guard, decode."""
+    rng = np.random.default_rng(17)
+    targets = rng.integers(0, len(vectors), queries)
+    probes = unit(vectors[targets] + rng.standard_normal((queries, vectors.shape[1])).astype(np.float32) * 0.017)
+    times, hits = [], 0
+    for target, probe in zip(targets, probes, strict=True):
+        key = SemanticKey("team:bench", f"team:bench/{target % 1000:032x}", "How do I reset my password?")
+        started = time.perf_counter()
+        hit = await cache.lookup(key, probe, 0.9)
+        times.append(time.perf_counter() - started)
+        hits += hit is not None
+    print(f"  semantic lookup after the embedding, partitions of 100 on Redis: {ms(times)}, {hits}/{queries} hits")
 
 
 def main() -> None:
@@ -178,7 +221,7 @@ def main() -> None:
     vectors = corpus(base, args.entries, 11)
     bench_lookup(vectors, args.queries, 13)
     if not args.skip_redis:
-        asyncio.run(bench_warm_start(vectors))
+        asyncio.run(bench_warm_start(vectors, args.queries))
 
 
 if __name__ == "__main__":
