@@ -388,7 +388,8 @@ MILLION = 1_000_000
 # The rows are made by SQLite itself (one INSERT ... SELECT over a counter, in one
 # transaction): binding 37 parameters a row through executemany costs about twice as long
 # for a million rows, and the point here is the report's query, not the writer's path.
-_GENERATE = f"""INSERT INTO ledger ({", ".join(COLUMNS)})
+_BASE_COLUMNS = COLUMNS[: COLUMNS.index("error_code") + 1]  # the v2 columns; later ones keep their defaults
+_GENERATE = f"""INSERT INTO ledger ({", ".join(_BASE_COLUMNS)})
 WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ? - 1)
 SELECT printf('m%012d', i), printf('req_m%012d', i), ? + i * ?, 'chat/completions', 'key_' || (i % 50),
        CASE WHEN i % 21 = 20 THEN NULL ELSE 'team-' || (i % 21) END, 'app', NULL, NULL,
