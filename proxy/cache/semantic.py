@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.cache import entry as entries
-from proxy.cache.embedder import DIMENSIONS, Embedded, Embedder, LocalEmbedder, RemoteEmbedder, Vectors
+from proxy.cache.embedder import DIMENSIONS, Embedded, Embedder, LocalEmbedder, Overloaded, RemoteEmbedder, Vectors
 from proxy.cache.entry import Entry
 from proxy.cache.index import VectorIndex, quantize
 from proxy.cache.semantic_key import SemanticKey, compatible
@@ -75,6 +75,9 @@ class SemanticCache:
             return None, 0
         try:
             done: Embedded = await self.embedder.embed_counted([text])
+        except Overloaded:  # a burst beyond what the embedder works off soon: this request goes uncached
+            self.counts["skipped_busy"] += 1
+            return None, 0
         except Exception as exc:  # an embedder down or broken is a miss, never a failed request
             self._failed("embedder", exc)
             return None, 0

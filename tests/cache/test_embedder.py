@@ -18,7 +18,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from proxy.cache.embedder import DIMENSIONS, LocalEmbedder, RemoteEmbedder, parse_embeddings
+from proxy.cache.embedder import DIMENSIONS, LocalEmbedder, Overloaded, RemoteEmbedder, parse_embeddings
 from proxy.errors import UpstreamUnavailable
 from tests.fake_upstream import FakeUpstream
 from tests.servers import ThreadServer
@@ -77,6 +77,20 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_vectors(loc
     assert np.abs(results[-1] - expected[:3]).max() < 1e-4
     counted = await local.embed_counted([])
     assert counted.vectors.shape == (0, DIMENSIONS) and counted.tokens == 0
+
+
+async def test_a_burst_beyond_the_queue_bound_is_refused_not_queued(local: LocalEmbedder) -> None:
+    embedder = LocalEmbedder(max_waiting=4)
+    try:
+        waiting = [asyncio.ensure_future(embedder.embed(["one", "two"])) for _ in range(2)]
+        await asyncio.sleep(0)  # both queued; the worker has not picked them up yet
+        with pytest.raises(Overloaded):
+            await embedder.embed(["three"])
+        done = await asyncio.gather(*waiting)
+        assert all(v.shape == (2, DIMENSIONS) for v in done)
+        assert (await embedder.embed(["three"])).shape == (1, DIMENSIONS)  # room again once worked off
+    finally:
+        await embedder.close()
 
 
 def test_the_gateway_modules_do_not_import_numpy_or_onnxruntime() -> None:
