@@ -135,7 +135,6 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
 async def _ledger(settings: Settings, db: Database, models: dict[str, ModelConfig], counter: TokenCounter) -> Ledger:
     litellm_prices = await asyncio.to_thread(load_litellm_prices)
     prices = PriceTable(litellm_prices, overrides_from_config(settings.prices))
-    counter = TokenCounter()
     # Local servers stream without usage and budgets estimate every request: those count
     # for sure, so their encodings load now; otherwise only if a count is ever needed.
     counted = [m.target_model for m in models.values() if m.is_local]
