@@ -19,6 +19,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 log = logging.getLogger("thrifty.cache")
@@ -105,7 +108,9 @@ def connect(url: str, timeout: float, *, cluster: bool = False) -> aioredis.Redi
     """A client that gives up within ``timeout`` (the caller fails open) and reconnects on its own."""
     if cluster:
         return aioredis.RedisCluster.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    # A bounded pool: a burst waits briefly for a connection instead of opening hundreds.
+    # A bounded pool: a burst waits briefly for a connection instead of opening hundreds. After
+    # a Redis restart every pooled connection is dead; one immediate retry on a fresh connection
+    # keeps each of them from counting as "Redis down" (and from starting a back-off) once.
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=64,
@@ -113,6 +118,8 @@ def connect(url: str, timeout: float, *, cluster: bool = False) -> aioredis.Redi
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
     )
     client = aioredis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
