@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from decimal import Decimal
 
 import orjson
@@ -27,6 +28,9 @@ from proxy.cost.record import LedgerRecord
 from proxy.cost.tokens import TokenCounter, estimate_tokens
 from proxy.cost.writer import LedgerWriter
 from proxy.pipeline.exchange import Exchange
+from proxy.policy.classify import classify
+from proxy.policy.features import extract
+from proxy.policy.model import Features
 from proxy.tasks import TaskSet
 
 log = logging.getLogger("thrifty.ledger")
@@ -130,7 +134,7 @@ class Ledger:
         principal = exchange.principal
         payload = exchange.payload or {}
         user = payload.get("user")
-        features = exchange.features
+        features = _features(exchange)
         return LedgerRecord(
             id=_record_id(),
             request_id=exchange.request_id,
@@ -180,6 +184,19 @@ class Ledger:
             similarity=exchange.similarity,
             prune=exchange.prune,
         )
+
+
+def _features(exchange: Exchange) -> Features | None:
+    """What routing saw, for ``policy simulate``: read here (after the response left) when no
+    policy ran or no rule needed the task class, so every chat record can be replayed."""
+    features = exchange.features
+    if exchange.endpoint != "chat/completions" or exchange.payload is None:
+        return features
+    if features is None:
+        return extract(exchange.payload, classify=True)
+    if features.task_class is None:
+        return replace(features, task_class=classify(features.last_user, json_mode=features.json_mode is not None))
+    return features
 
 
 def _billable(exchange: Exchange) -> bool:

@@ -111,6 +111,25 @@ def test_a_plain_request_leaves_one_priced_record(
     assert rec["latency_ms"] > 0 and rec["upstream_ms"] is not None
 
 
+def test_a_record_keeps_the_routing_features_policy_simulate_replays_even_without_a_policy(
+    client: openai.OpenAI, db_path: Path
+) -> None:
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    code = "Write a Python function that parses ISO dates and raises on bad input"
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": code}],
+        tools=[tool],  # type: ignore[list-item]
+        response_format={"type": "json_object"},
+    )
+    rec = record_of(db_path, raw.headers["x-request-id"])
+    assert (rec["has_tools"], rec["has_images"], rec["json_mode"], rec["task_class"]) == (1, 0, "json_object", "code")
+    assert rec["route"] is None and rec["policy_version"] is None  # no policy ran: only the features were read
+    plain = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=[{"role": "user", "content": "hi there"}])
+    rec = record_of(db_path, plain.headers["x-request-id"])
+    assert (rec["has_tools"], rec["has_images"], rec["json_mode"], rec["task_class"]) == (0, 0, None, "chat")
+
+
 def test_a_stream_is_priced_from_a_usage_chunk_the_client_never_sees(
     client: openai.OpenAI, fake: FakeUpstream, db_path: Path, gpt_4o: Price
 ) -> None:
