@@ -83,7 +83,7 @@ async def research_key(url: str) -> str:
 def fill_ledger(settings: Settings, start_gateway: Callable[[Settings], ThreadServer]) -> None:
     """8 chat records: 5 replayable, 1 undecided, 1 failed, 1 without stored features."""
     url = settings.ledger.url
-    plain = start_gateway(replace(settings, policies=None))  # a gateway routing nothing stores no features
+    plain = start_gateway(replace(settings, policies=None))  # its record is made to look older than v3 below
     with openai.OpenAI(base_url=f"{plain.url}/v1", api_key=MASTER_KEY, max_retries=0) as sdk:
         sdk.chat.completions.create(model="big", messages=[{"role": "user", "content": "hello there"}])
     key = asyncio.run(research_key(url))
@@ -105,6 +105,22 @@ def fill_ledger(settings: Settings, start_gateway: Callable[[Settings], ThreadSe
         asyncio.run(asyncio.sleep(0.1))
         deadline -= 1
     assert asyncio.run(count_records(url)) == 8
+    assert asyncio.run(forget_features(url, "big")) == 1
+
+
+async def forget_features(url: str, model: str) -> int:
+    """A record as written before ledger v3 (no routing features): simulate must skip it, not guess."""
+    db = await open_database(url)
+    try:
+        await db.execute(
+            "UPDATE ledger SET has_tools = NULL, has_images = NULL, json_mode = NULL, task_class = NULL"
+            " WHERE requested_model = ?",
+            model,
+        )
+        rows = await db.fetch("SELECT COUNT(*) FROM ledger WHERE requested_model = ? AND has_tools IS NULL", model)
+        return int(rows[0][0])
+    finally:
+        await db.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
