@@ -9,9 +9,9 @@ record's time as "now"), the candidate is evaluated by the real engine, and the 
 priced at the chosen model's unit prices on the recorded prompt and completion tokens.
 
 What cannot be replayed is counted, never guessed: records without stored features (older
-than migration 3, or served with no policy); requests that reach a rule whose outcome
+than migration 3; every chat record since has them); requests that reach a rule whose outcome
 depends on data the ledger does not keep (keywords and regexes read the message text,
-headers, budget state at the time, a task class not computed then) are set apart, by rule,
+headers, budget state at the time) are set apart, by rule,
 with their actual cost, and kept out of both sides of the comparison. Failed requests
 (status 400 and above) are skipped. Cache hits stay hits (cost 0 on both sides).
 Completion lengths are assumed unchanged; provider-side cached prompt tokens count as
