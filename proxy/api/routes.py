@@ -18,8 +18,8 @@ import orjson
 from aiohttp import web
 
 from proxy.api import wire
-from proxy.api.middleware import REQUEST_ID
 from proxy.api.admin import add_admin_routes
+from proxy.api.middleware import REQUEST_ID
 from proxy.api.reports import add_report_routes
 from proxy.api.sse import StreamTap, cost_comment
 from proxy.app_state import GATEWAY, Gateway
@@ -108,6 +108,8 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
         headers["x-thrifty-cache"] = exchange.cache
     if ticket is not None and ticket.warning:
         headers["x-thrifty-budget-warning"] = ticket.warning
+    if exchange.prune is not None:  # what pruning did, and the prompt's size before it
+        headers["x-thrifty-prune"] = f"{exchange.prune}; tokens_before={exchange.prompt_tokens_before}"
     if reply.chunks is not None:
         return await _relay(request, gateway, exchange, served, headers, plan)
     exchange.upstream_done = time.perf_counter()

@@ -343,3 +343,15 @@ def test_a_request_within_its_budget_claims_no_pruning_savings(
     row = record(db_path, request_id)
     assert row["prune"] is None and row["savings_pruning_nusd"] == 0
     assert row["prompt_tokens_before"] == row["prompt_tokens"]
+
+
+def test_the_response_says_what_pruning_did(start: Callable[..., tuple[openai.OpenAI, Path]], counter: TokenCounter) -> None:
+    client, _ = start()
+    messages = conversation(120)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=messages, extra_headers={"x-thrifty-max-input-tokens": "1500"}
+    )  # type: ignore[call-overload]
+    before = counter.count_messages(messages, "gpt-4o")
+    assert raw.headers["x-thrifty-prune"] == f"drop_middle,summary:extractive; tokens_before={before}"
+    untouched = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages[-2:])  # type: ignore[call-overload]
+    assert "x-thrifty-prune" not in untouched.headers
