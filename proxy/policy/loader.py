@@ -6,10 +6,9 @@ configured model nor an alias, and rules that can never match because an earlier
 (a catch-all, or one whose conditions are a subset of theirs) takes every request first.
 Aliases resolve against the configured models here: a candidate that is not configured is
 skipped (so one shipped policy fits many deployments), ``@local`` stands for every local
-model, and a rule whose targets all resolve to nothing is kept but inactive. Actions pick
-targets in order, by price (``cheapest``) or by observed latency (``fastest``), or run a
-``cascade``; they may carry per-route ``cache`` and ``prune`` settings, each checked here
-(ranges, known names, durations) so the stages that read them trust them.
+model, and a rule whose targets all resolve to nothing is kept but inactive. This module
+reads the document, the rules and their ``match`` conditions; ``proxy.policy.actions`` reads
+each rule's ``action`` (targets, split, cheapest, fastest, cascade, per-route cache and prune).
 """
 
 from __future__ import annotations
@@ -25,12 +24,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from proxy import yamlsource
 from proxy.config import ModelConfig
 from proxy.errors import ConfigError
+from proxy.policy.actions import Resolver, read_action, read_share, strings
 from proxy.policy.classify import CLASSES
 from proxy.policy.model import (
-    Action,
-    Arm,
     BudgetShare,
-    Cascade,
     Condition,
     Flag,
     Health,
@@ -39,8 +36,6 @@ from proxy.policy.model import (
     Pairs,
     Pattern,
     Policy,
-    RouteCache,
-    RoutePrune,
     Rule,
     TimeWindow,
     TokenRange,
@@ -48,21 +43,11 @@ from proxy.policy.model import (
 from proxy.yamlread import read_int, read_section, reject_unknown
 from proxy.yamlsource import Document, Path
 
-LOCAL = "@local"
 _TOP = {"version", "description", "aliases", "rules"}
 _RULE = {"name", "description", "match", "action"}
 _MATCH = {"model", "key", "team", "app", "tags", "headers", "prompt_tokens", "tools", "images", "json", "keywords", "regex"}
 _MATCH |= {"time", "task_class", "budget", "health"}
-_CHOICE = ("target", "split", "cheapest", "fastest", "cascade")  # exactly one: where the request may go
-_ACTION = {*_CHOICE, "strategy", "max_tokens", "cache", "prune"}
-_STRATEGIES = ("ordered", "cheapest", "fastest")
-_CHECKS = ("empty", "refusal", "json", "short", "confidence")
 _BUDGET_SCOPES = ("team", "key", "app")
-_CACHE_MODES = ("off", "exact", "semantic")
-_CACHE_SCOPES = ("team", "key")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DEFAULT_CASCADE = Cascade()
-_DEFAULT_PRUNE = RoutePrune()
 _COST = {"BudgetShare": 1, "TokenRange": 1, "Health": 2, "Keywords": 2, "Pattern": 3, "TimeWindow": 4}
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _IDENTITY: dict[str, Any] = {
@@ -92,7 +77,7 @@ def parse_policy(text: str, source: str, models: Sequence[ModelConfig]) -> Polic
     if not isinstance(data, dict) or "rules" not in data:
         raise doc.error((), "a policy is a mapping with a list of rules (rules:)")
     reject_unknown(doc, (), data, _TOP)
-    resolver = _Resolver(doc, models, data.get("aliases"))
+    resolver = Resolver(doc, models, data.get("aliases"))
     items = data["rules"] or []
     if not isinstance(items, list):
         raise doc.error(("rules",), "must be a list of rules")
@@ -139,7 +124,7 @@ def _check_reachable(doc: Document, path: Path, rule: Rule, earlier: list[Rule])
             raise doc.error(path, f"rule {rule.name!r} is shadowed: {what} {before.name!r} (line {before.line}) {tail}{hint}")
 
 
-def _rule(doc: Document, path: Path, item: Any, resolver: _Resolver) -> Rule:
+def _rule(doc: Document, path: Path, item: Any, resolver: Resolver) -> Rule:
     if not isinstance(item, dict):
         raise doc.error(path, "a rule is a mapping with name, match and action")
     reject_unknown(doc, path, item, _RULE)
@@ -152,17 +137,17 @@ def _rule(doc: Document, path: Path, item: Any, resolver: _Resolver) -> Rule:
     conditions = _conditions(doc, (*path, "match"), match or {}, resolver)
     if "action" not in item:
         raise doc.error(path, "every rule needs an action (target, split, cheapest, fastest or cascade)")
-    action = _action(doc, (*path, "action"), item["action"], resolver)
+    action = read_action(doc, (*path, "action"), item["action"], resolver)
     return Rule(name, doc.line(path), conditions, action)
 
 
-def _conditions(doc: Document, path: Path, match: dict[str, Any], resolver: _Resolver) -> tuple[Condition, ...]:
+def _conditions(doc: Document, path: Path, match: dict[str, Any], resolver: Resolver) -> tuple[Condition, ...]:
     reject_unknown(doc, path, match, _MATCH)
     out: list[Condition] = []
     for key, value in match.items():
         at = (*path, key)
         if key in _IDENTITY:
-            values = _strings(doc, at, value)
+            values = strings(doc, at, value)
             out.append(OneOf(key, f"{key} in {sorted(values)}", frozenset(values), _IDENTITY[key]))
         elif key in _FLAGS:
             if not isinstance(value, bool):
@@ -173,10 +158,10 @@ def _conditions(doc: Document, path: Path, match: dict[str, Any], resolver: _Res
         elif key == "prompt_tokens":
             out.append(_token_range(doc, at, value))
         elif key == "keywords":
-            words = sorted({w.lower() for w in _strings(doc, at, value)})
+            words = sorted({w.lower() for w in strings(doc, at, value)})
             out.append(Keywords(key, f"keywords {words}", tuple(words)))
         elif key == "regex":
-            sources = _strings(doc, at, value)
+            sources = strings(doc, at, value)
             out.append(Pattern(key, f"regex {sorted(sources)}", tuple(_compile(doc, at, s) for s in sources)))
         elif key == "task_class":
             out.append(_task_class(doc, at, value))
@@ -187,13 +172,6 @@ def _conditions(doc: Document, path: Path, match: dict[str, Any], resolver: _Res
         else:
             out.append(_time_window(doc, at, value))
     return tuple(sorted(out, key=lambda c: _COST.get(type(c).__name__, 0)))  # cheap tests first: a miss stops early
-
-
-def _strings(doc: Document, path: Path, value: Any) -> list[str]:
-    items = value if isinstance(value, list) else [value]
-    if not items or not all(isinstance(v, str | int) and not isinstance(v, bool) and str(v) != "" for v in items):
-        raise doc.error(path, "must be a non-empty string or a list of them")
-    return [str(v) for v in items]
 
 
 def _compile(doc: Document, path: Path, source: str) -> re.Pattern[str]:
@@ -209,7 +187,7 @@ def _pairs(doc: Document, path: Path, key: str, value: Any) -> Pairs:
     pairs = []
     for name, wanted in value.items():
         name = name.lower() if key == "headers" else name
-        values = frozenset() if wanted is True else frozenset(_strings(doc, (*path, name), wanted))
+        values = frozenset() if wanted is True else frozenset(strings(doc, (*path, name), wanted))
         pairs.append((name, values))
     pairs.sort(key=lambda p: p[0])
     text = f"{key} " + ", ".join(f"{n}={sorted(v) if v else '*'}" for n, v in pairs)
@@ -232,7 +210,7 @@ def _time_window(doc: Document, path: Path, value: Any) -> TimeWindow:
     value = read_section(doc, path, value, {"days", "from", "to", "tz"})
     days = frozenset(range(7))
     if "days" in value:
-        names = [d.lower()[:3] for d in _strings(doc, (*path, "days"), value["days"])]
+        names = [d.lower()[:3] for d in strings(doc, (*path, "days"), value["days"])]
         bad = [d for d in names if d not in _DAYS]
         if bad:
             raise doc.error((*path, "days"), f"unknown day {bad[0]!r}; use {', '.join(_DAYS)}")
@@ -258,7 +236,7 @@ def _minute(doc: Document, path: Path, value: Any) -> int:
 
 
 def _task_class(doc: Document, path: Path, value: Any) -> OneOf:
-    classes = _strings(doc, path, value)
+    classes = strings(doc, path, value)
     bad = [c for c in classes if c not in CLASSES]
     if bad:
         raise doc.error(path, f"unknown task class {bad[0]!r}; the classifier knows {', '.join(CLASSES)}")
@@ -269,188 +247,17 @@ def _budget(doc: Document, path: Path, value: Any) -> BudgetShare:
     value = read_section(doc, path, value, {"above", "scope"})
     if "above" not in value:
         raise doc.error(path, "needs above: the share of the budget spent, e.g. {above: 0.8}")
-    above = _share(doc, (*path, "above"), value["above"], "a share between 0 and 1 (0.8 for 80%)")
+    above = read_share(doc, (*path, "above"), value["above"], "a share between 0 and 1 (0.8 for 80%)")
     scope = value.get("scope", "*")
     if scope != "*" and scope not in _BUDGET_SCOPES:
         raise doc.error((*path, "scope"), f"must be one of {', '.join(_BUDGET_SCOPES)} (leave it out: the tightest)")
     return BudgetShare("budget", f"budget {scope} >= {above}", above, str(scope))
 
 
-def _health(doc: Document, path: Path, value: Any, resolver: _Resolver) -> Health:
+def _health(doc: Document, path: Path, value: Any, resolver: Resolver) -> Health:
     value = read_section(doc, path, value, {"down", "up"})
     if not value:
         raise doc.error(path, "needs down, up or both: models or aliases whose backends must be down (or up)")
-    down = resolver.expand(_strings(doc, (*path, "down"), value["down"]), (*path, "down")) if "down" in value else ()
-    up = resolver.expand(_strings(doc, (*path, "up"), value["up"]), (*path, "up")) if "up" in value else ()
+    down = resolver.expand(strings(doc, (*path, "down"), value["down"]), (*path, "down")) if "down" in value else ()
+    up = resolver.expand(strings(doc, (*path, "up"), value["up"]), (*path, "up")) if "up" in value else ()
     return Health("health", f"health down {sorted(down)} up {sorted(up)}", down, up)
-
-
-def _share(doc: Document, path: Path, value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise doc.error(path, f"must be {what}")
-    return float(value)
-
-
-def _action(doc: Document, path: Path, value: Any, resolver: _Resolver) -> Action:
-    if not isinstance(value, dict):
-        raise doc.error(path, "must be a mapping with target, split, cheapest, fastest or cascade")
-    reject_unknown(doc, path, value, _ACTION)
-    chosen = [key for key in _CHOICE if key in value]
-    if len(chosen) != 1:
-        raise doc.error(path, "needs exactly one of target (a model, an alias or a list), split, cheapest, fastest or cascade")
-    kind = chosen[0]
-    cap = None if value.get("max_tokens") is None else read_int(doc, (*path, "max_tokens"), value["max_tokens"], 1)
-    strategy = kind if kind in _STRATEGIES else "ordered"
-    if "strategy" in value:
-        if kind != "target":
-            raise doc.error((*path, "strategy"), "goes with target only (cheapest: and fastest: already say it)")
-        strategy = str(value["strategy"])
-        if strategy not in _STRATEGIES:
-            raise doc.error((*path, "strategy"), f"must be one of {', '.join(_STRATEGIES)}")
-    cascade = None
-    if kind == "split":
-        arms = _split(doc, (*path, "split"), value["split"], resolver)
-    elif kind == "cascade":
-        cascade, models = _cascade(doc, (*path, "cascade"), value["cascade"], resolver)
-        arms = (Arm(1, models, f"{value['cascade'].get('try')} -> {value['cascade'].get('then')}"),) if models else ()
-    else:
-        names = _strings(doc, (*path, kind), value[kind])
-        models = resolver.expand(names, (*path, kind))
-        arms = (Arm(1, models, ", ".join(names)),) if models else ()
-    inactive = None if arms else "its targets name no configured model (aliases resolve to nothing here)"
-    cache = _route_cache(doc, (*path, "cache"), value["cache"]) if "cache" in value else None
-    prune = _route_prune(doc, (*path, "prune"), value["prune"], resolver) if "prune" in value else None
-    return Action(arms, cap, inactive, strategy, cascade, cache, prune)
-
-
-def _split(doc: Document, path: Path, split: Any, resolver: _Resolver) -> tuple[Arm, ...]:
-    if not isinstance(split, dict) or not split:
-        raise doc.error(path, "must map models or aliases to weights, e.g. {gpt-4o-mini: 90, gpt-4o: 10}")
-    arms = []
-    for name, weight in split.items():
-        weight = read_int(doc, (*path, name), weight, 1)
-        models = resolver.expand([name], (*path, name))
-        if models:
-            arms.append(Arm(weight, models, name))
-    return tuple(arms)
-
-
-def _cascade(doc: Document, path: Path, value: Any, resolver: _Resolver) -> tuple[Cascade, tuple[str, ...]]:
-    """The cascade's settings and its models: the ``try`` ones (not escalated to), then the ``then`` ones."""
-    value = read_section(doc, path, value, {"try", "then", "checks", "min_chars", "min_logprob"})
-    for key in ("try", "then"):
-        if key not in value:
-            raise doc.error(path, f"a cascade needs {key}: (try: the model answering first, then: the one escalated to)")
-    then = resolver.expand(_strings(doc, (*path, "then"), value["then"]), (*path, "then"))
-    first = tuple(m for m in resolver.expand(_strings(doc, (*path, "try"), value["try"]), (*path, "try")) if m not in then)
-    min_logprob = None
-    if value.get("min_logprob") is not None:
-        raw = value["min_logprob"]
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or not -100 <= raw < 0:
-            raise doc.error((*path, "min_logprob"), "must be a negative number (a mean token log-probability, e.g. -1.5)")
-        min_logprob = float(raw)
-    default = _DEFAULT_CASCADE.checks + (("confidence",) if min_logprob is not None else ())
-    checks = tuple(_strings(doc, (*path, "checks"), value["checks"])) if "checks" in value else default
-    bad = [c for c in checks if c not in _CHECKS]
-    if bad:
-        raise doc.error((*path, "checks"), f"unknown check {bad[0]!r}; use {', '.join(_CHECKS)}")
-    if "confidence" in checks and min_logprob is None:
-        raise doc.error((*path, "checks"), "the confidence check needs min_logprob (e.g. -1.5)")
-    min_chars = read_int(doc, (*path, "min_chars"), value["min_chars"], 1) if "min_chars" in value else _DEFAULT_CASCADE.min_chars
-    return Cascade(tuple(dict.fromkeys(checks)), min_chars, min_logprob, then), first + then
-
-
-def _route_cache(doc: Document, path: Path, value: Any) -> RouteCache:
-    if value is False or value == "off":
-        return RouteCache(mode="off")  # YAML reads a bare off as false
-    value = read_section(doc, path, value, {"mode", "ttl", "threshold", "scope"})
-    if not value:
-        raise doc.error(path, "needs mode, ttl, threshold or scope (or cache: off)")
-    mode = value.get("mode")
-    mode = "off" if mode is False else mode
-    if mode is not None and mode not in _CACHE_MODES:
-        raise doc.error((*path, "mode"), f"must be one of {', '.join(_CACHE_MODES)}")
-    ttl = _duration(doc, (*path, "ttl"), value["ttl"]) if value.get("ttl") is not None else None
-    threshold = None
-    if value.get("threshold") is not None:
-        threshold = _share(doc, (*path, "threshold"), value["threshold"], "a cosine similarity between 0 and 1, e.g. 0.95")
-        if mode in ("off", "exact"):
-            raise doc.error((*path, "threshold"), f"applies to the semantic cache only (mode is {mode})")
-    scope = value.get("scope")
-    if scope is not None and scope not in _CACHE_SCOPES:
-        raise doc.error((*path, "scope"), f"must be one of {', '.join(_CACHE_SCOPES)}: whose requests may share answers")
-    return RouteCache(mode, ttl, threshold, scope)
-
-
-def _duration(doc: Document, path: Path, value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)  # seconds
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", str(value).strip())
-    if match is None or float(match[1]) <= 0:
-        raise doc.error(path, "must be a duration: seconds, or a number with s, m, h or d (10m, 1h, 7d)")
-    return float(match[1]) * _UNITS[match[2]]
-
-
-def _route_prune(doc: Document, path: Path, value: Any, resolver: _Resolver) -> RoutePrune:
-    keys = {"max_input_tokens", "context_share", "keep_last", "summarize", "summarizer", "allow_opt_out"}
-    value = read_section(doc, path, value, keys)
-    if not value:
-        raise doc.error(path, "needs max_input_tokens or context_share (the input token budget)")
-    if "max_input_tokens" in value and "context_share" in value:
-        raise doc.error((*path, "context_share"), "give max_input_tokens or context_share, not both")
-    raw_budget = value.get("max_input_tokens")
-    budget = None if raw_budget is None else read_int(doc, (*path, "max_input_tokens"), raw_budget, 1)
-    share = None
-    if value.get("context_share") is not None:
-        share = _share(doc, (*path, "context_share"), value["context_share"], "a share of the context window in (0, 1], e.g. 0.5")
-    keep = read_int(doc, (*path, "keep_last"), value["keep_last"], 1) if "keep_last" in value else _DEFAULT_PRUNE.keep_last
-    flags = {}
-    for key in ("summarize", "allow_opt_out"):
-        if key in value:
-            if not isinstance(value[key], bool):
-                raise doc.error((*path, key), "must be true or false")
-            flags[key] = value[key]
-    summarizer = None
-    if value.get("summarizer") is not None:
-        models = resolver.expand(_strings(doc, (*path, "summarizer"), value["summarizer"]), (*path, "summarizer"))
-        summarizer = models[0] if models else None  # an alias naming no configured model: the default summarizer
-    return RoutePrune(budget, share, keep, flags.get("summarize", True), summarizer, flags.get("allow_opt_out", True))
-
-
-class _Resolver:
-    """Targets to configured model names: a model, an alias (configured candidates only) or @local."""
-
-    def __init__(self, doc: Document, models: Sequence[ModelConfig], aliases: Any):
-        self.doc = doc
-        self.names = {m.name for m in models}
-        self.local = tuple(m.name for m in models if m.is_local)
-        self.resolved: dict[str, tuple[str, ...]] = {}
-        if aliases is None:
-            return
-        if not isinstance(aliases, dict):
-            raise doc.error(("aliases",), "must map alias names to a model or an ordered list of candidate models")
-        for alias, candidates in aliases.items():
-            at: Path = ("aliases", alias)
-            if alias in self.names:
-                raise doc.error(at, f"alias {alias!r} has the name of a configured model; choose another name")
-            found: list[str] = []
-            for name in _strings(doc, at, candidates):
-                for model in self.local if name == LOCAL else ((name,) if name in self.names else ()):
-                    if model not in found:
-                        found.append(model)
-            self.resolved[alias] = tuple(found)
-
-    def expand(self, names: list[str], path: Path) -> tuple[str, ...]:
-        out: list[str] = []
-        for name in names:
-            if name in self.resolved:
-                models = self.resolved[name]
-            elif name == LOCAL:
-                models = self.local
-            elif name in self.names:
-                models = (name,)
-            else:
-                known = ", ".join(sorted(self.names)) or "none"
-                raise self.doc.error(path, f"unknown model {name!r}: not a configured model nor an alias (configured: {known})")
-            out += [m for m in models if m not in out]
-        return tuple(out)
