@@ -31,11 +31,13 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from proxy.storage.database import Database, open_database
 
 T = TypeVar("T")
 
@@ -185,6 +187,22 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
         yield database_url(postgres_server, name)
     finally:
         run_async(lambda: _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes it runs once on an SQLite file and once on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'thrifty.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = await open_database(db_url)
+    yield database
+    await database.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,32 +5,12 @@ and two stores (two processes' worth) appending at once without colliding."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from proxy.policy.store import PolicyStore
 from proxy.storage.database import Database, open_database
-from tests.services import postgres_server, postgres_url  # noqa: F401
 
 A = "version: a\nrules:\n  - name: all\n    action: {target: gpt-4o}\n"
 B = "version: b\nrules:\n  - name: all\n    action: {target: gpt-4o-mini}\n"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'thrifty.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = await open_database(db_url)
-    yield database
-    await database.close()
 
 
 async def test_versions_are_numbered_with_author_parent_and_diff(db: Database) -> None:
