@@ -21,7 +21,6 @@ from aiohttp import web
 
 from proxy.api import middleware, routes
 from proxy.app_state import GATEWAY, Gateway
-from proxy.config import LITELLM_PROVIDERS, ModelConfig, Settings
 from proxy.cost.prices import PriceTable, load_litellm_prices, overrides_from_config
 from proxy.cost.tokens import TokenCounter
 from proxy.cost.writer import LedgerWriter
@@ -39,6 +38,7 @@ from proxy.providers.base import Provider
 from proxy.providers.health import Health
 from proxy.providers.openai_compat import OpenAICompatible
 from proxy.redact import Redactor
+from proxy.settings import LITELLM_PROVIDERS, ModelConfig, Settings
 from proxy.storage.database import Database, open_database
 from proxy.storage.keys import KeyStore
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.config import ModelConfig, Settings
 from proxy.pipeline.auth import Authenticator
 from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.guard import Guard
@@ -19,6 +18,7 @@ from proxy.policy.reload import PolicyReloader
 from proxy.providers.base import Provider
 from proxy.providers.health import Health
 from proxy.redact import Redactor
+from proxy.settings import ModelConfig, Settings
 from proxy.storage.database import Database
 from proxy.storage.keys import KeyStore
 

@@ -14,10 +14,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from proxy.config import Settings, load_settings
+from proxy.config import load_settings
 from proxy.cost.report_cli import add_report_parser, run_report
 from proxy.errors import ConfigError
 from proxy.policy.cli import add_policy_parser, run_policy
+from proxy.settings import Settings
 
 
 class _Parser(argparse.ArgumentParser):

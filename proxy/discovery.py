@@ -13,7 +13,7 @@ import logging
 import aiohttp
 import orjson
 
-from proxy.config import DEFAULT_BASE_URLS, ModelConfig
+from proxy.settings import DEFAULT_BASE_URLS, ModelConfig
 
 log = logging.getLogger("thrifty.discovery")
 

@@ -30,8 +30,8 @@ from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
-from proxy.config import Settings
 from proxy.errors import ConfigError
+from proxy.settings import Settings
 
 log = logging.getLogger("thrifty.server")
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from proxy.app import create_app
-from proxy.config import AuthConfig, LedgerConfig, ModelConfig, ServerConfig, Settings, Timeouts
+from proxy.settings import AuthConfig, LedgerConfig, ModelConfig, ServerConfig, Settings, Timeouts
 from tests.fake_upstream import FakeUpstream
 from tests.llama import llama_server  # noqa: F401  (the real llama.cpp server fixture)
 from tests.servers import ThreadServer

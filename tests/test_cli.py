@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from proxy.config import AuthConfig
+from proxy.settings import AuthConfig
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream
 from tests.servers import ThreadServer

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import DEFAULT_BASE_URLS, Settings, load_settings
+from proxy.config import load_settings
 from proxy.errors import ConfigError
+from proxy.settings import DEFAULT_BASE_URLS, Settings
 
 GOOD = """\
 models:

@@ -30,7 +30,7 @@ from proxy.cache.index import VectorIndex, quantize
 from proxy.cache.semantic_key import SemanticKey, compatible
 from proxy.cache.semantic_sync import MemoryVectors, RedisVectors, Stored, new_id, pack_index
 from proxy.cache.store import retry_delay
-from proxy.config import CacheConfig, ModelConfig
+from proxy.settings import CacheConfig, ModelConfig
 
 log = logging.getLogger("thrifty.cache")
 

@@ -30,11 +30,11 @@ from typing import Any
 import orjson
 
 from proxy.cache.store import CacheStore
-from proxy.config import ModelConfig
 from proxy.cost.prices import Price
 from proxy.cost.pricing import cost_nusd, usage_from_openai
 from proxy.errors import ThriftyError
 from proxy.providers.base import Call, Provider
+from proxy.settings import ModelConfig
 from proxy.tasks import TaskSet
 
 log = logging.getLogger("thrifty.prune")

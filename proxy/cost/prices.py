@@ -22,7 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from proxy.config import ModelConfig
+from proxy.settings import ModelConfig
 
 log = logging.getLogger("thrifty.cost")
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Settings
 from proxy.cost.report_render import FORMATS, Output, produce
 from proxy.cost.reports import GROUP_KEYS, ReportError, make_query
+from proxy.settings import Settings
 from proxy.storage.database import open_database, sqlite_path
 
 _EPILOG = """examples:

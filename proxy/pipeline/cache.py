@@ -32,9 +32,9 @@ from proxy.cache import exact
 from proxy.cache.entry import Entry
 from proxy.cache.semantic_key import DEFAULT_THRESHOLD, SemanticKey, semantic_key
 from proxy.cache.store import CacheStore, FailOpenStore, MemoryStore, RedisStore, connect
-from proxy.config import CacheConfig, ModelConfig
 from proxy.cost.pricing import Usage
 from proxy.pipeline.exchange import Exchange
+from proxy.settings import CacheConfig, ModelConfig
 from proxy.tasks import TaskSet
 
 if TYPE_CHECKING:  # numpy and the embedder load only when a semantic cache is configured

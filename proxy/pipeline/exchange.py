@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config import ModelConfig
 from proxy.cost.pricing import Charge, Usage
 from proxy.pipeline.auth import Principal
 from proxy.policy.model import Decision, Features
+from proxy.settings import ModelConfig
 
 
 @dataclass(slots=True)

@@ -30,7 +30,6 @@ from typing import Any
 
 import orjson
 
-from proxy.config import NANO_PER_USD, BudgetLimit, BudgetsConfig, ModelConfig
 from proxy.cost.budgets import EXPIRE_GRACE, BudgetStore, Counter, Reservation, counter_key, open_store
 from proxy.cost.prices import Price, entry_for, litellm_models
 from proxy.cost.pricing import cost_nusd
@@ -38,6 +37,7 @@ from proxy.cost.tokens import TokenCounter
 from proxy.errors import BudgetExceeded
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.exchange import Exchange
+from proxy.settings import NANO_PER_USD, BudgetLimit, BudgetsConfig, ModelConfig
 from proxy.tasks import TaskSet
 
 log = logging.getLogger("thrifty.budgets")

@@ -21,7 +21,6 @@ from decimal import Decimal
 
 import orjson
 
-from proxy.config import ModelConfig
 from proxy.cost.prices import Price, PriceTable
 from proxy.cost.pricing import Charge, Usage, charge
 from proxy.cost.record import LedgerRecord
@@ -31,6 +30,7 @@ from proxy.pipeline.exchange import Exchange
 from proxy.policy.classify import classify
 from proxy.policy.features import extract
 from proxy.policy.model import Features
+from proxy.settings import ModelConfig
 from proxy.tasks import TaskSet
 
 log = logging.getLogger("thrifty.ledger")

@@ -33,7 +33,6 @@ import orjson
 from proxy.api.wire import ParsedRequest
 from proxy.cache.exact import tenant as cache_tenant
 from proxy.cache.store import CacheStore, MemoryStore
-from proxy.config import CacheConfig, ModelConfig, PruneConfig
 from proxy.context import prune as pure
 from proxy.context.summarize import CHARS_PER_TOKEN, EXTRACTIVE, Summarizer, header
 from proxy.cost.prices import Price
@@ -44,6 +43,7 @@ from proxy.pipeline.exchange import Exchange
 from proxy.policy.capabilities import Capabilities, capabilities_for
 from proxy.policy.model import RoutePrune
 from proxy.providers.base import Provider
+from proxy.settings import CacheConfig, ModelConfig, PruneConfig
 
 log = logging.getLogger("thrifty.prune")
 

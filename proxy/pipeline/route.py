@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import orjson
 
 from proxy.api.wire import ParsedRequest
-from proxy.config import ModelConfig
 from proxy.cost.prices import Price
 from proxy.cost.tokens import TokenCounter
 from proxy.errors import UnsupportedRequest
@@ -35,6 +34,7 @@ from proxy.policy.engine import evaluate
 from proxy.policy.features import extract, with_tokens
 from proxy.policy.loader import load_policy
 from proxy.policy.model import BackendState, Decision, Features, Policy
+from proxy.settings import ModelConfig
 
 log = logging.getLogger("thrifty.route")
 

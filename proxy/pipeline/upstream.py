@@ -28,7 +28,6 @@ import orjson
 
 from proxy.api import wire
 from proxy.cache.entry import Entry, replay
-from proxy.config import ModelConfig, UpstreamConfig
 from proxy.cost.prices import Price
 from proxy.cost.pricing import cost_nusd, usage_from_openai
 from proxy.errors import ThriftyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
@@ -37,6 +36,7 @@ from proxy.pipeline.exchange import Exchange
 from proxy.policy.model import Cascade
 from proxy.providers.base import Call, Provider, Reply, UpstreamStatus
 from proxy.providers.health import Health
+from proxy.settings import ModelConfig, UpstreamConfig
 
 log = logging.getLogger("thrifty.upstream")
 

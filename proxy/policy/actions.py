@@ -14,8 +14,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from proxy.config import ModelConfig
 from proxy.policy.model import Action, Arm, Cascade, RouteCache, RoutePrune
+from proxy.settings import ModelConfig
 from proxy.yamlread import read_int, read_section, reject_unknown
 from proxy.yamlsource import Document, Path
 

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config import ModelConfig
 from proxy.cost.prices import entry_for, litellm_models
 from proxy.policy.model import Features
+from proxy.settings import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Settings
 from proxy.cost.prices import PriceTable, load_litellm_prices, overrides_from_config
 from proxy.cost.tokens import TokenCounter
 from proxy.errors import ConfigError
@@ -38,6 +37,7 @@ from proxy.policy.features import StaticBackends, extract, with_tokens
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Decision, Features, Policy
 from proxy.policy.simulate import COLUMNS, Record, Simulation, render_table
+from proxy.settings import Settings
 
 _EPILOG = """examples:
   thrifty policy check policies/default.yaml --config thrifty.yaml

@@ -22,7 +22,6 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy import yamlsource
-from proxy.config import ModelConfig
 from proxy.errors import ConfigError
 from proxy.policy.actions import Resolver, read_action, read_share, strings
 from proxy.policy.classify import CLASSES
@@ -40,6 +39,7 @@ from proxy.policy.model import (
     TimeWindow,
     TokenRange,
 )
+from proxy.settings import ModelConfig
 from proxy.yamlread import read_int, read_section, reject_unknown
 from proxy.yamlsource import Document, Path
 

@@ -25,13 +25,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy.config import ModelConfig
 from proxy.errors import ConfigError
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.route import Router
 from proxy.policy.loader import parse_policy
 from proxy.policy.model import Policy
 from proxy.policy.store import PolicyStore, PolicyVersion
+from proxy.settings import ModelConfig
 
 log = logging.getLogger("thrifty.policy")
 

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from proxy.config import ModelConfig
 from proxy.errors import UpstreamError
 from proxy.redact import Redactor
+from proxy.settings import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)

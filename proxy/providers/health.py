@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 import aiohttp
 
-from proxy.config import ModelConfig, UpstreamConfig
+from proxy.settings import ModelConfig, UpstreamConfig
 
 log = logging.getLogger("thrifty.health")
 

@@ -32,10 +32,10 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy.config import ModelConfig
 from proxy.errors import ThriftyError, UnsupportedRequest, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.providers.base import Call, Reply
 from proxy.redact import RedactingFilter, Redactor
+from proxy.settings import ModelConfig
 
 log = logging.getLogger("thrifty.providers.litellm")
 

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from proxy.config import ModelConfig
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.providers.base import Call, Reply, upstream_error
 from proxy.redact import Redactor
+from proxy.settings import ModelConfig
 
 JSON = "application/json"
 

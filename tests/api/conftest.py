@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import ModelConfig, Settings, Timeouts
+from proxy.settings import ModelConfig, Settings, Timeouts
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, settings_for
 from tests.servers import ThreadServer
 

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.config import ModelConfig, Settings
+from proxy.settings import ModelConfig, Settings
 from proxy.storage.database import open_database
 from proxy.storage.keys import KeyStore
 from tests.api.conftest import error_of

@@ -45,7 +45,6 @@ from typing import Any
 
 import asyncpg
 
-from proxy.config import ModelConfig
 from proxy.cost.prices import PriceTable, load_litellm_prices
 from proxy.cost.pricing import usage_from_openai
 from proxy.cost.record import LedgerRecord
@@ -55,6 +54,7 @@ from proxy.errors import ConfigError
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.ledger import Ledger
+from proxy.settings import ModelConfig
 from proxy.storage.database import Database, open_database
 from tests.benchmarks.measure import BODY, CLOCK_TICKS, REPO, cpu_seconds, machine_busy_seconds, run_wrk, write_wrk_script
 from tests.benchmarks.processes import Server, StartError, free_port, running, start, stop, wait_ready

@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy.config import DEFAULT_BASE_URLS, ModelConfig
 from proxy.pipeline.auth import Principal
 from proxy.policy.capabilities import Capabilities
 from proxy.policy.classify import classify
 from proxy.policy.engine import evaluate
 from proxy.policy.features import extract
 from proxy.policy.loader import parse_policy
+from proxy.settings import DEFAULT_BASE_URLS, ModelConfig
 
 MODELS = tuple(ModelConfig(n, "openai", DEFAULT_BASE_URLS["openai"]) for n in ("big", "mini", "local", "other"))
 CAPS = {

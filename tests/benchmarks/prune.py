@@ -31,13 +31,13 @@ from typing import Any
 
 from proxy.api.wire import ParsedRequest
 from proxy.cache.store import MemoryStore
-from proxy.config import ModelConfig, PruneConfig
 from proxy.context import prune as pure
 from proxy.context.summarize import Summarizer
 from proxy.cost.prices import Price
 from proxy.cost.tokens import TokenCounter
 from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.prune import MessageSizer, Pruner, upper_bound
+from proxy.settings import ModelConfig, PruneConfig
 
 VOCABULARY = (
     "the a of to and in for on with deploy service cluster latency budget invoice customer order Oslo "

@@ -36,7 +36,6 @@ import aiohttp
 
 from proxy.api.wire import ParsedRequest
 from proxy.cache.store import MemoryStore
-from proxy.config import ModelConfig, PruneConfig, Timeouts
 from proxy.context import summarize
 from proxy.context.summarize import EXTRACTIVE, Summarizer
 from proxy.cost.prices import Price
@@ -46,6 +45,7 @@ from proxy.pipeline.prune import Pruner
 from proxy.providers.base import Provider
 from proxy.providers.openai_compat import OpenAICompatible
 from proxy.redact import Redactor
+from proxy.settings import ModelConfig, PruneConfig, Timeouts
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "retention" / "conversations.json"
 TARGET = ModelConfig("gpt-4o", "openai", "http://127.0.0.1:9/v1")

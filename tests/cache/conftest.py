@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from proxy.app_state import GATEWAY
-from proxy.config import CacheConfig, Settings
 from proxy.pipeline.auth import Principal
+from proxy.settings import CacheConfig, Settings
 from proxy.storage.keys import KeyRecord
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream

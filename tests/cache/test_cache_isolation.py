@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.cache.exact import tenant
-from proxy.config import CACHE_SCOPES
 from proxy.pipeline.auth import MASTER
+from proxy.settings import CACHE_SCOPES
 from tests.cache.conftest import Cached, StartCached
 from tests.conftest import MASTER_KEY
 from tests.fake_upstream import FakeUpstream, completion

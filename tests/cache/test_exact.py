@@ -13,10 +13,11 @@ import pytest
 
 from proxy.cache import entry, exact
 from proxy.cache.store import FailOpenStore, MemoryStore
-from proxy.config import CacheConfig, load_settings
+from proxy.config import load_settings
 from proxy.cost.pricing import Usage
 from proxy.errors import ConfigError
 from proxy.pipeline.auth import MASTER, Principal
+from proxy.settings import CacheConfig
 from tests.fake_upstream import completion, stream_chunks
 
 HI: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}

@@ -13,12 +13,13 @@ import pytest
 
 from proxy.cache.semantic_key import DEFAULT_THRESHOLD
 from proxy.cache.store import MemoryStore
-from proxy.config import CacheConfig, load_settings
+from proxy.config import load_settings
 from proxy.errors import ConfigError
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.cache import ResponseCache, semantic_wanted
 from proxy.pipeline.exchange import Exchange
 from proxy.policy.model import Decision, RouteCache
+from proxy.settings import CacheConfig
 
 ALICE = Principal("key-1", "search", None, "user")
 

@@ -12,11 +12,11 @@ import pytest
 from aiohttp import web
 
 from proxy.cache.store import MemoryStore
-from proxy.config import ModelConfig
 from proxy.context.summarize import EXTRACTIVE, SLM_PROMPT, Summarizer, extractive, sentences, summary_key
 from proxy.cost.prices import Price
 from proxy.providers.openai_compat import OpenAICompatible
 from proxy.redact import Redactor
+from proxy.settings import ModelConfig
 from tests.fake_upstream import FakeUpstream, completion
 from tests.servers import ThreadServer
 

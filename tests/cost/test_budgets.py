@@ -21,7 +21,6 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from proxy.config import BudgetLimit
 from proxy.cost.budgets import (
     BudgetStore,
     Counter,
@@ -39,6 +38,7 @@ from proxy.errors import BudgetExceeded
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.guard import Guard
+from proxy.settings import BudgetLimit
 from tests.api.conftest import closed_port
 from tests.services import redis_url  # noqa: F401
 
@@ -156,7 +156,7 @@ async def test_the_period_rolls_over_in_utc(redis_url: str, client: aioredis.Red
     caller = Principal("k", team, None, "user")
 
     def exchange() -> Exchange:
-        from proxy.config import ModelConfig
+        from proxy.settings import ModelConfig
 
         payload = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
         return Exchange("r", "chat/completions", principal=caller, target=ModelConfig("m", "openai", "http://x"), payload=payload)

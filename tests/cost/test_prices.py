@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ModelConfig, load_settings
+from proxy.config import load_settings
 from proxy.cost.prices import Price, PriceTable, litellm_price_file, load_litellm_prices, overrides_from_config
+from proxy.settings import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "http://127.0.0.1:9/v1"

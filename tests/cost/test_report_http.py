@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.config import Settings
 from proxy.cost.record import LedgerRecord
+from proxy.settings import Settings
 from proxy.storage.database import open_database
 from proxy.storage.keys import KeyStore
 from tests.conftest import MASTER_KEY, settings_for

@@ -15,12 +15,12 @@ import pytest
 from aiohttp import web
 
 from proxy.app_state import GATEWAY
-from proxy.config import CacheConfig, Settings, UpstreamConfig
 from proxy.cost.prices import load_litellm_prices
 from proxy.cost.pricing import cost_nusd
 from proxy.pipeline.cascade import failed_check, is_refusal, mean_logprob
 from proxy.pipeline.exchange import Exchange
 from proxy.policy.model import Cascade
+from proxy.settings import CacheConfig, Settings, UpstreamConfig
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream, completion
 from tests.pipeline.test_ledger_e2e import record_of

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from proxy.app_state import GATEWAY
-from proxy.config import BudgetLimit, BudgetsConfig, ModelConfig, PriceConfig, Settings, load_settings
+from proxy.config import load_settings
 from proxy.cost.budgets import Counter, InProcessBudgetStore, Reservation
 from proxy.cost.prices import Price
 from proxy.cost.pricing import Charge
@@ -47,6 +47,7 @@ from proxy.pipeline.guard import (
     warning,
     window,
 )
+from proxy.settings import BudgetLimit, BudgetsConfig, ModelConfig, PriceConfig, Settings
 from tests.api.conftest import wait_until
 from tests.conftest import settings_for
 from tests.fake_upstream import FakeUpstream

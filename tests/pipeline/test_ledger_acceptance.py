@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 
 from proxy.app_state import GATEWAY
-from proxy.config import LedgerConfig, Settings
+from proxy.settings import LedgerConfig, Settings
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream
 from tests.servers import ThreadServer

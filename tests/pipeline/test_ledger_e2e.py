@@ -19,10 +19,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import ModelConfig, Settings
 from proxy.cost.prices import Price, load_litellm_prices
 from proxy.cost.pricing import cost_nusd, usd
 from proxy.cost.tokens import TokenCounter, estimate_tokens
+from proxy.settings import ModelConfig, Settings
 from tests.conftest import MASTER_KEY
 from tests.fake_upstream import FakeUpstream, usage
 from tests.servers import ThreadServer

@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import PruneConfig, load_settings
+from proxy.config import load_settings
 from proxy.cost.tokens import TokenCounter
 from proxy.errors import BadRequest, ConfigError
 from proxy.pipeline.prune import MessageSizer, resolve_budget, upper_bound
 from proxy.policy.model import RoutePrune
+from proxy.settings import PruneConfig
 
 COUNTER = TokenCounter()
 

@@ -20,8 +20,8 @@ import pytest
 import redis
 from aiohttp import web
 
-from proxy.config import CacheConfig, ModelConfig, PriceConfig, PruneConfig, Settings
 from proxy.cost.tokens import TokenCounter
+from proxy.settings import CacheConfig, ModelConfig, PriceConfig, PruneConfig, Settings
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream, completion
 from tests.llama import LlamaServer

@@ -22,10 +22,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import CacheConfig, ModelConfig, Settings, Timeouts, UpstreamConfig
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
 from proxy.pipeline.upstream import RetryBudget, backoff, retry_delay
 from proxy.providers.base import UpstreamStatus, retry_after_seconds
+from proxy.settings import CacheConfig, ModelConfig, Settings, Timeouts, UpstreamConfig
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, settings_for
 from tests.fake_upstream import FakeUpstream, stream_chunks
 from tests.pipeline.test_ledger_e2e import record_of

@@ -16,8 +16,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from proxy.config import ModelConfig, Settings, Timeouts
 from proxy.policy.loader import load_policy
+from proxy.settings import ModelConfig, Settings, Timeouts
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream
 from tests.llama import LlamaServer, require_llama

@@ -12,7 +12,6 @@ import orjson
 import pytest
 
 from proxy.api.wire import ParsedRequest
-from proxy.config import DEFAULT_BASE_URLS, ModelCapabilities, ModelConfig
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.route import rewrite
 from proxy.policy.capabilities import Capabilities, capabilities_for
@@ -20,6 +19,7 @@ from proxy.policy.engine import evaluate
 from proxy.policy.features import extract, with_tokens
 from proxy.policy.loader import parse_policy
 from proxy.policy.model import Decision, Features, Policy
+from proxy.settings import DEFAULT_BASE_URLS, ModelCapabilities, ModelConfig
 
 MODELS = (
     ModelConfig("big", "openai", DEFAULT_BASE_URLS["openai"]),

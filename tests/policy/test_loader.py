@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import DEFAULT_BASE_URLS, ModelConfig, load_settings
+from proxy.config import load_settings
 from proxy.errors import ConfigError
 from proxy.policy.loader import load_policy, parse_policy
 from proxy.policy.model import Cascade, Features, Keywords, Pattern, RouteCache, RoutePrune, TimeWindow, TokenRange
+from proxy.settings import DEFAULT_BASE_URLS, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = (

@@ -22,12 +22,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import ModelConfig, Settings
 from proxy.pipeline.route import Router
 from proxy.policy.capabilities import capabilities_for
 from proxy.policy.loader import parse_policy
 from proxy.policy.reload import PolicyReloader
 from proxy.policy.store import PolicyStore
+from proxy.settings import ModelConfig, Settings
 from proxy.storage.database import open_database
 from tests.api.conftest import wait_until
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, settings_for

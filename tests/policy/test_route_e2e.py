@@ -17,12 +17,12 @@ import pytest
 import redis
 
 from proxy.app_state import GATEWAY
-from proxy.config import BudgetLimit, ModelConfig, Settings
 from proxy.cost.prices import Price
 from proxy.errors import ConfigError
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.route import blended_prices, load_router
 from proxy.policy.loader import load_policy
+from proxy.settings import BudgetLimit, ModelConfig, Settings
 from tests.api.conftest import wait_until
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, settings_for
 from tests.fake_upstream import FakeUpstream

@@ -16,12 +16,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from proxy.config import ModelConfig, Settings, load_settings
+from proxy.config import load_settings
 from proxy.cost.prices import Price
 from proxy.pipeline.route import blended_prices
 from proxy.policy.cli import parse_since
 from proxy.policy.loader import parse_policy
 from proxy.policy.simulate import Record, Simulation
+from proxy.settings import ModelConfig, Settings
 from proxy.storage.database import open_database
 from proxy.storage.keys import KeyStore
 from tests.conftest import MASTER_KEY

@@ -17,7 +17,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from proxy.config import ModelConfig, Settings, Timeouts
+from proxy.settings import ModelConfig, Settings, Timeouts
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_anthropic import FakeAnthropic, answer, error
 from tests.servers import ThreadServer

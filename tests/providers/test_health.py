@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.config import ModelConfig, Timeouts, UpstreamConfig
 from proxy.providers.health import CLOSED, HALF_OPEN, OPEN, Breaker, Health, probe
+from proxy.settings import ModelConfig, Timeouts, UpstreamConfig
 from tests.fake_upstream import FakeUpstream
 from tests.servers import ThreadServer
 

@@ -12,8 +12,8 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.config import ModelConfig, Settings, Timeouts
 from proxy.discovery import discover_local
+from proxy.settings import ModelConfig, Settings, Timeouts
 from tests.conftest import MASTER_KEY, settings_for
 from tests.fake_upstream import FakeUpstream
 from tests.llama import LlamaServer
