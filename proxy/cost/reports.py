@@ -31,6 +31,8 @@ _KEYS: dict[str, str] = {
     "user": "user_id",
     "provider": "provider",
     "cache": "cache",
+    # the policy rule that chose the model (NULL where no policy ran or no rule applied)
+    "route": "route",
 }
 GROUP_KEYS: tuple[str, ...] = tuple(_KEYS)
 DEFAULT_BY: tuple[str, ...] = ("team",)

@@ -117,7 +117,7 @@ def test_grouping_keys_are_checked_and_deduplicated() -> None:
     [
         (
             {"by": "team,colour"},
-            "--by: unknown grouping key 'colour' (choose from team, app, key, model, day, user, provider, cache)",
+            "--by: unknown grouping key 'colour' (choose from team, app, key, model, day, user, provider, cache, route)",
         ),
         ({"by": ""}, "--by: unknown grouping key an empty name"),
         ({"since": "2026-13-01"}, "--since: '2026-13-01' is not a date"),
@@ -190,6 +190,24 @@ async def test_model_is_the_served_model_else_the_requested_one(db: Database) ->
         "gpt-4o": (2, 30, 1),
         "gpt-4o-mini": (1, 10, 0),
     }
+
+
+async def test_route_is_the_rule_that_chose_the_model(db: Database) -> None:
+    await insert(
+        db,
+        [
+            record("2026-11-02T10:00:00", route="cheap-chat", served_model="gpt-4o-mini", cost_nusd=10),
+            record("2026-11-02T10:00:01", route="cheap-chat", served_model="gpt-4o-mini", cost_nusd=15),
+            record("2026-11-02T10:00:02", route="hard", served_model="gpt-4o", cost_nusd=300),
+            record("2026-11-02T10:00:03", route=None, served_model="gpt-4o", cost_nusd=40),
+        ],
+    )
+    report = await reports.run(db, make_query(period="2026-11", by="route"))
+    assert [(r.key[0], r.figures.requests, r.figures.cost_nusd) for r in report.rows] == [
+        ("hard", 1, 300),
+        (None, 1, 40),
+        ("cheap-chat", 2, 25),
+    ]
 
 
 async def test_period_edges_are_inclusive_then_exclusive(db: Database) -> None:
