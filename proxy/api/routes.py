@@ -21,7 +21,7 @@ from proxy.api import wire
 from proxy.api.admin import add_admin_routes
 from proxy.api.middleware import REQUEST_ID
 from proxy.api.reports import add_report_routes
-from proxy.api.sse import StreamTap, cost_comment
+from proxy.api.sse import StreamTap, cost_comment, usage_chunk
 from proxy.app_state import GATEWAY, Gateway
 from proxy.cache.entry import Entry, replay, response_body
 from proxy.cost.pricing import usage_from_openai, usd
@@ -167,7 +167,10 @@ async def _relay(
         priced = gateway.ledger.price(exchange)
         if plan is not None and reply.status == 200 and gateway.cache is not None:
             gateway.cache.store_stream(plan, tap.events, tap.usage, exchange.usage)
-        await response.write(cost_comment(usd(priced.cost), usd(priced.net_savings)) + wire.SSE_DONE)
+        tail = cost_comment(usd(priced.cost), usd(priced.net_savings)) + wire.SSE_DONE
+        if tap.usage is None and exchange.usage is not None and _wants_usage(exchange):
+            tail = usage_chunk(tap.events, exchange.usage.prompt_tokens, exchange.usage.completion_tokens) + tail
+        await response.write(tail)
         await response.write_eof()
         return response
     finally:
@@ -195,8 +198,7 @@ async def _answer_cached(request: web.Request, gateway: Gateway, exchange: Excha
         headers["x-thrifty-route"] = exchange.route
     if not exchange.stream:
         return web.Response(body=response_body(hit), headers={**headers, "Content-Type": _JSON})
-    options = (exchange.payload or {}).get("stream_options")
-    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    include_usage = _wants_usage(exchange)
     exchange.first_byte = time.perf_counter()
     response = web.StreamResponse(status=200, headers={**_EVENT_STREAM_HEADERS, **headers})
     await response.prepare(request)
@@ -204,6 +206,12 @@ async def _answer_cached(request: web.Request, gateway: Gateway, exchange: Excha
     await response.write(body)
     await response.write_eof()
     return response
+
+
+def _wants_usage(exchange: Exchange) -> bool:
+    """Whether the client asked for a final usage chunk (``stream_options.include_usage``)."""
+    options = (exchange.payload or {}).get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def _settle(exchange: Exchange, tap: StreamTap) -> None:

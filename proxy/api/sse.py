@@ -107,5 +107,25 @@ def event_data(event: bytes) -> dict[str, Any] | None:
     return None
 
 
+def usage_chunk(events: list[bytes], prompt_tokens: int, completion_tokens: int) -> bytes:
+    """The final usage-only chunk a client asked for (``stream_options.include_usage``) when
+    the upstream sent none (llama.cpp never does): the figures the ledger counted, shaped
+    like OpenAI's (same id, model and created as the stream, empty ``choices``)."""
+    last = next((p for p in map(event_data, reversed(events)) if p is not None), {})
+    chunk = {
+        "id": last.get("id", ""),
+        "object": "chat.completion.chunk",
+        "created": last.get("created", 0),
+        "model": last.get("model", ""),
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
 def cost_comment(cost_usd: str, savings_usd: str) -> bytes:
     return f": thrifty cost_usd={cost_usd} savings_usd={savings_usd}\n\n".encode()

@@ -272,6 +272,29 @@ def test_a_stream_without_usage_is_counted_with_tiktoken(
     assert comments == [f": thrifty cost_usd={usd(rec['cost_nusd'])} savings_usd={usd(0)}"]
 
 
+def test_a_client_that_asks_for_usage_gets_the_counted_usage_when_the_upstream_sends_none(
+    client: openai.OpenAI, fake: FakeUpstream, db_path: Path
+) -> None:
+    async def llama_cpp(payload: dict[str, Any], request: web.Request) -> web.StreamResponse:
+        return await fake.stream(request, {**payload, "stream_options": None})  # ignores include_usage
+
+    fake.handler = llama_cpp
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "count me for the client too"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(raw.parse())
+    rec = record_of(db_path, raw.headers["x-request-id"])
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (rec["prompt_tokens"], rec["completion_tokens"])
+    assert last.usage.total_tokens == rec["prompt_tokens"] + rec["completion_tokens"]
+    assert last.id == chunks[0].id and last.model == chunks[0].model
+    assert rec["usage_source"] == "counted" and sum(c.usage is not None for c in chunks) == 1
+
+
 def test_a_plain_reply_without_usage_is_counted_with_tiktoken(
     raw: httpx.Client, fake: FakeUpstream, db_path: Path, gpt_4o: Price, counter: TokenCounter
 ) -> None:

@@ -85,6 +85,19 @@ def test_a_stream_from_llamacpp_is_relayed_and_its_tokens_counted(sdk: openai.Op
     assert 0.5 * len(pieces) <= record["completion_tokens"] <= 1.5 * len(pieces)
 
 
+def test_a_client_asking_for_usage_gets_the_counted_figures_from_llamacpp(sdk: openai.OpenAI, local_settings: Settings) -> None:
+    with sdk.chat.completions.with_streaming_response.create(
+        model="gemma", messages=QUESTION, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        chunks = list(response.parse())
+    record = record_of(ledger_path(local_settings), request_id)
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []  # llama.cpp sent none: thrifty adds what it counted
+    assert (usage.prompt_tokens, usage.completion_tokens) == (record["prompt_tokens"], record["completion_tokens"])
+    assert record["usage_source"] == "counted"
+
+
 async def test_a_llamacpp_server_is_discovered_and_listed(
     llama_server: LlamaServer, upstream: tuple[FakeUpstream, ThreadServer], tmp_path: Path,
     start_gateway: Callable[[Settings], ThreadServer],
