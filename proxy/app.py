@@ -67,7 +67,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             models = list(settings.models)
             if settings.discover_local:
                 known = {m.name for m in models}
-                models += [m for m in await discover_local(session) if m.name not in known]
+                models += [m for m in await discover_local(session, settings.local_servers) if m.name not in known]
             redact = Redactor(m.api_key for m in models if m.api_key)
             for model in models:
                 providers[model.name] = _provider(model, session, redact)

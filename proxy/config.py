@@ -91,7 +91,19 @@ def zero_config(env: Mapping[str, str]) -> Settings:
     if master is not None and len(master) < 16:
         raise ConfigError("THRIFTY_MASTER_KEY: must be at least 16 characters")
     auth = AuthConfig(master_key=master)
-    return Settings(models=tuple(models), auth=auth, discover_local=True)
+    return Settings(models=tuple(models), auth=auth, discover_local=True, local_servers=local_servers(env))
+
+
+def local_servers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Where zero-config probes: Ollama's own ``OLLAMA_HOST`` (``host:port`` or a URL) and
+    ``LLAMACPP_BASE_URL`` (the server's ``/v1`` URL), else their default ports on loopback."""
+    ollama = DEFAULT_BASE_URLS["ollama"]
+    host = env.get("OLLAMA_HOST", "").strip().rstrip("/")
+    if host:
+        url = host if "://" in host else f"http://{host}"
+        ollama = url if url.endswith("/v1") else f"{url}/v1"
+    llamacpp = env.get("LLAMACPP_BASE_URL", "").strip().rstrip("/") or DEFAULT_BASE_URLS["llamacpp"]
+    return (("ollama", ollama), ("llamacpp", llamacpp))
 
 
 _TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache", "upstream", "prune"}

@@ -1,8 +1,9 @@
 """Zero-config discovery: local model servers that answer on their default ports.
 
 With no configuration file, ``thrifty serve`` asks an Ollama on 127.0.0.1:11434 and a
-llama.cpp server on 127.0.0.1:8080 for their ``/v1/models`` (half a second each, in
-parallel) and serves whatever models they list. Nothing answering is not an error.
+llama.cpp server on 127.0.0.1:8080 (or where ``OLLAMA_HOST`` / ``LLAMACPP_BASE_URL`` say:
+``Settings.local_servers``) for their ``/v1/models`` (half a second each, in parallel) and
+serves whatever models they list. Nothing answering is not an error.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ import logging
 import aiohttp
 import orjson
 
-from proxy.settings import DEFAULT_BASE_URLS, ModelConfig
+from proxy.settings import ModelConfig
 
 log = logging.getLogger("thrifty.discovery")
 
-LOCAL_SERVERS = (("ollama", DEFAULT_BASE_URLS["ollama"]), ("llamacpp", DEFAULT_BASE_URLS["llamacpp"]))
-
 
 async def discover_local(
-    session: aiohttp.ClientSession, servers: tuple[tuple[str, str], ...] = LOCAL_SERVERS, probe_seconds: float = 0.5
+    session: aiohttp.ClientSession, servers: tuple[tuple[str, str], ...], probe_seconds: float = 0.5
 ) -> list[ModelConfig]:
     results = await asyncio.gather(*(_probe(session, p, url, probe_seconds) for p, url in servers))
     return [model for found in results for model in found]

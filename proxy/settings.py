@@ -202,6 +202,11 @@ class Settings:
     source: str | None = None
     # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
     discover_local: bool = False
+    # Where zero-config looks: (provider, base URL) pairs; OLLAMA_HOST / LLAMACPP_BASE_URL move them.
+    local_servers: tuple[tuple[str, str], ...] = (
+        ("ollama", DEFAULT_BASE_URLS["ollama"]),
+        ("llamacpp", DEFAULT_BASE_URLS["llamacpp"]),
+    )
     # The routing policy file (``policies:``); None: every request goes to the model it names.
     policies: str | None = None
 

@@ -183,6 +183,17 @@ def test_zero_config_follows_the_environment() -> None:
     assert load_settings(None, env={"THRIFTY_CONFIG": ""}).discover_local  # empty means unset
 
 
+def test_zero_config_probes_where_the_environment_says_local_servers_are() -> None:
+    assert load_settings(None, env={}).local_servers == (
+        ("ollama", "http://127.0.0.1:11434/v1"),
+        ("llamacpp", "http://127.0.0.1:8080/v1"),
+    )
+    for host, url in (("10.0.0.5:11434", "http://10.0.0.5:11434/v1"), ("https://ollama.lan/", "https://ollama.lan/v1")):
+        assert load_settings(None, env={"OLLAMA_HOST": host}).local_servers[0] == ("ollama", url)
+    moved = load_settings(None, env={"LLAMACPP_BASE_URL": "http://127.0.0.1:9123/v1/"})
+    assert moved.local_servers[1] == ("llamacpp", "http://127.0.0.1:9123/v1")
+
+
 def test_secrets_are_kept_out_of_reprs(tmp_path: Path) -> None:
     settings = load(tmp_path, GOOD, {"UPSTREAM_KEY": "sk-up-secret-1"})
     assert "sk-up-secret-1" not in repr(settings)

@@ -12,6 +12,7 @@ import aiohttp
 import openai
 import pytest
 
+from proxy.config import load_settings
 from proxy.discovery import discover_local
 from proxy.settings import ModelConfig, Settings, Timeouts
 from tests.conftest import MASTER_KEY, settings_for
@@ -115,3 +116,16 @@ async def test_a_llamacpp_server_is_discovered_and_listed(
         reply = await client.chat.completions.create(model="gemma-3-270m", messages=QUESTION, max_tokens=4)
     assert listed == ["gemma-3-270m"]
     assert reply.usage is not None and reply.usage.completion_tokens == 4
+
+
+def test_zero_config_serves_a_llamacpp_server_named_by_the_environment(
+    llama_server: LlamaServer, start_gateway: Callable[[Settings], ThreadServer], tmp_path: Path
+) -> None:
+    env = {"LLAMACPP_BASE_URL": llama_server.base_url, "OLLAMA_HOST": "127.0.0.1:9", "THRIFTY_MASTER_KEY": MASTER_KEY}
+    settings = load_settings(None, env=env)
+    settings = replace(settings, ledger=replace(settings.ledger, url=f"sqlite:///{tmp_path / 'zero.db'}"), policies=None)
+    gateway = start_gateway(settings)
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=60) as client:
+        assert [m.id for m in client.models.list()] == ["gemma-3-270m"]
+        reply = client.chat.completions.create(model="gemma-3-270m", messages=QUESTION, max_tokens=3)  # type: ignore[arg-type]
+    assert reply.usage is not None and reply.usage.completion_tokens == 3
