@@ -4,9 +4,10 @@ Used by the cache stage (``proxy.pipeline.cache``) after an exact miss, for requ
 route's cache mode is ``semantic``, and built at start-up only when some route or the
 gateway's ``cache.mode`` asks for it (this module imports numpy). A lookup embeds the
 request's text (``proxy.cache.semantic_key``) once, searches the in-process index
-(``proxy.cache.index``) within the request's partition, fetches the best candidate from the
-store (``proxy.cache.semantic_sync``) and serves it only if the float32 similarity still
-reaches the threshold, the guard finds the same numbers and negations, and the entry names
+(``proxy.cache.index``) within the request's partition, fetches the best few candidates from
+the store (``proxy.cache.semantic_sync``) and serves one only if ``semantic_key.decide`` lets
+it through with the float32 similarity (the same content words from a low floor, or the
+threshold; the guard on numbers, negations and word order either way) and the entry names
 the same tenant. A failure of the embedder or of Redis is a miss (counted in :meth:`stats`,
 logged at most once per 100): never a client error. A remote embedder's tokens are priced
 and charged to the request as overhead.
@@ -27,14 +28,14 @@ from proxy.cache import entry as entries
 from proxy.cache.embedder import DIMENSIONS, Embedded, Embedder, LocalEmbedder, Overloaded, RemoteEmbedder, Vectors
 from proxy.cache.entry import Entry
 from proxy.cache.index import VectorIndex, quantize
-from proxy.cache.semantic_key import SemanticKey, compatible
+from proxy.cache.semantic_key import WORDS_FLOOR, SemanticKey, decide, known_words
 from proxy.cache.semantic_sync import MemoryVectors, RedisVectors, Stored, new_id, pack_index
 from proxy.cache.store import retry_delay
 from proxy.settings import CacheConfig, ModelConfig
 
 log = logging.getLogger("thrifty.cache")
 
-INDEX_MARGIN = 0.02  # int8 similarities this far under the threshold are still re-checked in float
+INDEX_MARGIN = 0.02  # int8 similarities this far under the least served one are still re-checked in float
 EXPIRE_EVERY = 60.0  # seconds between sweeps of expired entries
 CANDIDATES = 3  # entries fetched and checked at most per lookup, best first (the guard may refuse the closest)
 
@@ -43,6 +44,7 @@ CANDIDATES = 3  # entries fetched and checked at most per lookup, best first (th
 class SemanticHit:
     entry: Entry
     similarity: float
+    tier: str  # "cosine" or "words" (semantic_key.decide)
 
 
 class SemanticCache:
@@ -63,6 +65,7 @@ class SemanticCache:
         self._swept = clock()
         self.counts: Counter[str] = Counter()
         self.embed_seconds = 0.0
+        known_words()  # the typo check's dictionary, read once at start-up rather than on a first lookup
         # After a failure the embedder or the store is left alone for a growing back-off (at most 5 s).
         self._down: dict[str, tuple[int, float]] = {}  # what -> (failures in a row, retry at, monotonic)
 
@@ -89,7 +92,8 @@ class SemanticCache:
     async def lookup(self, key: SemanticKey, vector: Vectors, threshold: float) -> SemanticHit | None:
         """The closest stored answer that passes the float re-check and the guard, among a few candidates."""
         self._sweep()
-        for match in self.index.search_all(key.partition, vector, threshold - INDEX_MARGIN, CANDIDATES):
+        floor = min(threshold, WORDS_FLOOR) - INDEX_MARGIN
+        for match in self.index.search_all(key.partition, vector, floor, CANDIDATES):
             if self._resting("store"):
                 return None
             try:
@@ -101,16 +105,18 @@ class SemanticCache:
             if stored is None:  # gone from Redis (expired early, evicted, or Redis restarted empty)
                 self.index.remove(key.tenant, match.key)
                 continue
-            similarity = float(stored.vector @ vector) if len(stored.vector) == len(vector) else -1.0
-            if similarity < threshold:
+            if len(stored.vector) != len(vector):
                 continue
-            if not compatible(key.text, stored.text):
+            similarity = float(stored.vector @ vector)
+            tier = decide(key.text, stored.text, similarity, threshold)
+            if tier is None:
                 self.counts["guard_refused"] += 1
                 continue
             hit = entries.decode(stored.raw, key.tenant)
             if hit is not None:
                 self.index.touch(key.tenant, match.key)
-                return SemanticHit(hit, similarity)
+                self.counts[f"served_{tier}"] += 1
+                return SemanticHit(hit, similarity, tier)
         return None
 
     async def store_answer(self, key: SemanticKey, vector: Vectors, raw: bytes, ttl: float) -> None:

@@ -3,7 +3,7 @@
 I/O behind the semantic cache (``proxy.cache.semantic``). :class:`MemoryVectors` keeps
 entries in this process (no ``cache.redis_url``: each replica has its own cache).
 :class:`RedisVectors` keeps each entry as a Redis hash with an expiry,
-``thrifty:cache:{<tenant>}:sem:<id>`` (the tenant is a Cluster hash tag), holding what the
+``thrifty:cache:{<tenant>}:sem2:<id>`` (the tenant is a Cluster hash tag), holding what the
 index needs packed in one field (``idx``: int8 vector, scale, expiry, partition), the float32
 vector a hit is re-checked with, the question, and the answer (``proxy.cache.entry``
 encoding). Every add and every eviction is also appended to one Redis Stream; each process
@@ -12,7 +12,10 @@ warm-starts by SCAN-ning the entries (a progress line in the log), then follows 
 added or evicted, within about a second. Expiry needs no message: an entry carries its
 absolute expiry time and every replica drops it at that moment. When Redis goes away the
 follower backs off, and when it answers again re-scans, so nothing stays missing; an index
-entry whose hash is gone (Redis restarted empty) is a miss and is dropped.
+entry whose hash is gone (Redis restarted empty) is a miss and is dropped. The key names and
+the stream carry the entry format (``sem2``, ``events:2``): entries and events of the first format
+(``sem``, whose partitions hashed every earlier message exactly) are never read, so a gateway of
+this version ignores them and Redis expires them.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from proxy.cache.store import connect, retry_delay
 
 log = logging.getLogger("thrifty.cache")
 
-STREAM = "thrifty:cache:semantic:events"
+STREAM = "thrifty:cache:semantic:events:2"
 STREAM_MAX = 200_000  # events kept (approximately): a replica away longer re-scans anyway
-PATTERN = "thrifty:cache:*:sem:*"
+PATTERN = "thrifty:cache:*:sem2:*"
 SCAN_BATCH = 500
 _HEAD = struct.Struct("<fdH")  # scale, expiry (epoch seconds), dims; then the int8 vector, then the partition
 
@@ -74,7 +77,7 @@ def new_id() -> str:
 
 
 def entry_key(tenant: str, entry_id: str) -> str:
-    return f"thrifty:cache:{{{tenant}}}:sem:{entry_id}"
+    return f"thrifty:cache:{{{tenant}}}:sem2:{entry_id}"
 
 
 class MemoryVectors:

@@ -8,12 +8,14 @@ Run on purpose, from the repository root (about 10 s on 2 cores):
 Each pair is treated as thrifty treats it: pair ``a`` is a stored single-turn (or multi-turn)
 request, ``b`` a new one, both ``temperature: 0`` chat completions of one tenant and route.
 The embedded text and the partition come from ``proxy.cache.semantic_key`` (the last user
-message is embedded; everything before it, the parameters and the tenant make the partition),
-the vectors from thrifty's in-process embedder (all-MiniLM-L6-v2 int8), and a candidate is
-served when it is in the same partition, its cosine similarity is at least the threshold,
-and ``semantic_key.compatible`` (numbers and negations) lets it through. Two modes are
-reported for each threshold: **cosine only** (what a plain similarity cache does: the last
-message alone, no partition, no guard) and **thrifty** (partition + guard + cosine).
+message is embedded; the earlier turns as content words, the parameters and the tenant make
+the partition), the vectors from thrifty's in-process embedder (all-MiniLM-L6-v2 int8), and a
+candidate is served when it is in the same partition and ``semantic_key.decide`` serves it:
+the guard (numbers, negations, word order) and either the threshold (cosine tier) or the same
+content words from ``WORDS_FLOOR`` (words tier). Three modes are reported for each threshold:
+**cosine only** (what a plain similarity cache does: the last message alone, no partition, no
+guard), **cosine tier** (partition + guard + cosine: thrifty before the words tier) and
+**thrifty** (both tiers).
 *Hit rate*: share of duplicates served; *false-hit rate*: share of non-duplicates served
 (a wrong answer). ``--write-results`` writes the tables to tests/data/cache_pairs/RESULTS.md.
 """
@@ -67,12 +69,16 @@ class Scored:
     similarity: float  # cosine of the embedded texts
     same_partition: bool
     compatible: bool  # the guard's verdict
+    same_words: bool  # the words tier's verdict (without its cosine floor)
     texts: tuple[str, str]  # embedded: stored, asked
 
-    def served(self, threshold: float, plain: bool = False) -> bool:
+    def served(self, threshold: float, plain: bool = False, words: bool = True) -> bool:
+        """As ``semantic_key.decide`` would, within one partition (``plain``: cosine alone; ``words``: that tier on)."""
         if plain:
             return self.similarity >= threshold
-        return self.same_partition and self.compatible and self.similarity >= threshold
+        if not (self.same_partition and self.compatible):
+            return False
+        return self.similarity >= threshold or (words and self.same_words and self.similarity >= semantic_key.WORDS_FLOOR)
 
 
 def score(rows: Sequence[dict[str, Any]], embedder: LocalEmbedder) -> list[Scored]:
@@ -95,6 +101,7 @@ def score(rows: Sequence[dict[str, Any]], embedder: LocalEmbedder) -> list[Score
             float(s),
             a.partition == b.partition,
             semantic_key.compatible(b.text, a.text),
+            semantic_key.same_words(b.text, a.text),
             (a.text, b.text),
         )
         for r, (a, b), s in zip(rows, keys, similarity, strict=True)
@@ -123,12 +130,12 @@ class Rates:
         return binomial_upper(self.wrong, self.negatives)
 
 
-def rates(scores: Iterable[Scored], threshold: float, plain: bool = False) -> Rates:
+def rates(scores: Iterable[Scored], threshold: float, plain: bool = False, words: bool = True) -> Rates:
     pairs = list(scores)
     duplicates = [s for s in pairs if s.duplicate]
     negatives = [s for s in pairs if not s.duplicate]
-    served = sum(s.served(threshold, plain) for s in duplicates)
-    wrong = sum(s.served(threshold, plain) for s in negatives)
+    served = sum(s.served(threshold, plain, words) for s in duplicates)
+    wrong = sum(s.served(threshold, plain, words) for s in negatives)
     return Rates(threshold, len(duplicates), served, len(negatives), wrong)
 
 
@@ -155,14 +162,18 @@ def least_threshold(scores: Sequence[Scored], bound: bool, limit: float = MAX_FA
 
 
 def sweep_table(scores: Sequence[Scored], thresholds: Sequence[float], shipped: float) -> str:
-    head = "| threshold | cosine only: hit rate | false-hit rate | thrifty: hit rate | false-hit rate | false hits (95% bound) |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = (
+        "| threshold | cosine only: hit rate | false-hit rate | cosine tier: hit rate | false hits |"
+        " thrifty (both tiers): hit rate | false-hit rate | false hits (95% bound) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for t in sorted({*thresholds, shipped}):
-        plain, ours = rates(scores, t, plain=True), rates(scores, t)
+        plain, tier, ours = rates(scores, t, plain=True), rates(scores, t, words=False), rates(scores, t)
         mark = " (default)" if t == shipped else ""
         lines.append(
-            f"| {t:.3f}{mark} | {plain.hit_rate:.1%} | {plain.false_hit_rate:.1%} | {ours.hit_rate:.1%} | "
-            f"{ours.false_hit_rate:.1%} | {ours.wrong} of {ours.negatives} (≤ {ours.false_hit_upper:.1%}) |"
+            f"| {t:.3f}{mark} | {plain.hit_rate:.1%} | {plain.false_hit_rate:.1%} | {tier.hit_rate:.1%} | {tier.wrong} |"
+            f" {ours.hit_rate:.1%} | {ours.false_hit_rate:.1%} |"
+            f" {ours.wrong} of {ours.negatives} (≤ {ours.false_hit_upper:.1%}) |"
         )
     return "\n".join(lines)
 
@@ -181,47 +192,51 @@ def _is_dup(scores: Sequence[Scored], category: str) -> bool:
     return next(s.duplicate for s in scores if s.category == category)
 
 
-# Candidate guards measured beside the shipped one (not in thrifty): words that carry no
-# meaning of their own here (greetings, fillers, function words) are ignored.
-_FILLER_WORDS = (
+# The words tier's variants, measured alone (partition and guard kept, no cosine tier): what each
+# step of the normalization adds. The first is E2's candidate (before the words tier shipped).
+_E2_FILLER_WORDS = (
     "a an the i me my we our you your it its is are am be do does did can could would should will to of in on at for with"
     " and or so uh um hi hello hiya hey there please thanks thank advance just what whats how where when which who why"
     " i'm im there's"
 )
-_FILLER = frozenset(_FILLER_WORDS.split())
-_WORD = re.compile(r"[a-z0-9£$€%']+")
+_E2_FILLER = frozenset(_E2_FILLER_WORDS.split())
+_E2_WORD = re.compile(r"[a-z0-9£$€%']+")
 
 
-def content_words(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower().replace("’", "'")) if w not in _FILLER]
+def e2_words(text: str) -> list[str]:
+    return [w for w in _E2_WORD.findall(text.lower().replace("’", "'")) if w not in _E2_FILLER]
 
 
-def same_order(stored: str, asked: str) -> bool:
-    """Refuses the same content words in another order ("from A to B" vs "from B to A")."""
-    a, b = content_words(stored), content_words(asked)
-    return not (a != b and sorted(a) == sorted(b))
+def _normalized(stored: str, asked: str) -> bool:
+    return semantic_key.content_words(stored) == semantic_key.content_words(asked)
 
 
-def same_words(stored: str, asked: str) -> bool:
-    """Serves only when the content words are the same, in the same order (fillers, case, punctuation aside)."""
-    return content_words(stored) == content_words(asked)
+def _fronted(stored: str, asked: str) -> bool:
+    cw = semantic_key.content_words
+    return _normalized(stored, asked) or semantic_key._fronted(asked, cw(stored)) or semantic_key._fronted(stored, cw(asked))
 
 
-CANDIDATES = (("shipped guard", None), ("+ same order", same_order), ("+ same content words", same_words))
+VARIANTS = (
+    ("E2 same content words", lambda stored, asked: e2_words(stored) == e2_words(asked)),
+    ("normalized (contractions, more fillers)", _normalized),
+    ("+ fronted clause", _fronted),
+    ("+ misspellings (shipped)", lambda stored, asked: semantic_key.same_words(asked, stored)),
+)
 
 
-def candidate_table(scores: Sequence[Scored], thresholds: Sequence[float]) -> str:
-    lines = ["| threshold | " + " | ".join(f"{name}: hits / false hits" for name, _ in CANDIDATES) + " |"]
-    lines.append("|---|" + "---|" * len(CANDIDATES))
+def variant_table(scores: Sequence[Scored], floors: Sequence[float]) -> str:
+    lines = ["| cosine floor | " + " | ".join(f"{name}: hits / false hits" for name, _ in VARIANTS) + " |"]
+    lines.append("|---|" + "---|" * len(VARIANTS))
     dup = [s for s in scores if s.duplicate]
     neg = [s for s in scores if not s.duplicate]
-    for t in thresholds:
+    for floor in floors:
         cells = []
-        for _, extra in CANDIDATES:
-            served = [s for s in scores if s.served(t) and (extra is None or extra(*s.texts))]
+        for _, same in VARIANTS:
+            served = [s for s in scores if s.same_partition and s.compatible and s.similarity >= floor and same(*s.texts)]
             hits, wrong = sum(s.duplicate for s in served), sum(not s.duplicate for s in served)
             cells.append(f"{hits / len(dup):.1%} / {wrong} of {len(neg)}")
-        lines.append(f"| {t:.3f} | " + " | ".join(cells) + " |")
+        mark = " (shipped)" if floor == semantic_key.WORDS_FLOOR else ""
+        lines.append(f"| {floor:.2f}{mark} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -231,7 +246,8 @@ def report(scores: Sequence[Scored], seconds: float, command: str) -> str:
         "# Semantic cache precision: results",
         "",
         f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, embedder"
-        f" {LocalEmbedder.name}, shipped `DEFAULT_THRESHOLD` = {shipped}; embedding and scoring took {seconds:.1f} s.",
+        f" {LocalEmbedder.name}, shipped `DEFAULT_THRESHOLD` = {shipped} (cosine tier), `WORDS_FLOOR` ="
+        f" {semantic_key.WORDS_FLOOR} (words tier); embedding and scoring took {seconds:.1f} s.",
         "",
     ]
     for kind in ("question", "conversation"):
@@ -257,9 +273,9 @@ def report(scores: Sequence[Scored], seconds: float, command: str) -> str:
             out += ["False hits at the default: " + ", ".join(f"{s.id} ({s.similarity:.3f})" for s in wrong), ""]
         if kind == "question":
             out += [
-                "Candidate guards (not shipped), added to the shipped one: hit rate / false hits.",
+                "The words tier alone, step by step (partition and guard on, no cosine tier): hit rate / false hits.",
                 "",
-                candidate_table(mine, (0.80, 0.90, 0.95, 0.97, 0.99, shipped)),
+                variant_table(mine, (0.0, semantic_key.WORDS_FLOOR, 0.8, 0.9)),
                 "",
             ]
     return "\n".join(out)

@@ -42,7 +42,7 @@ from proxy.cache.embedder import LocalEmbedder
 from proxy.cache.index import VectorIndex, quantize
 from proxy.cache.semantic import SemanticCache
 from proxy.cache.semantic_key import SemanticKey
-from proxy.cache.semantic_sync import RedisVectors, pack_index
+from proxy.cache.semantic_sync import RedisVectors, entry_key, pack_index
 
 SUBJECTS = ["my password", "the invoice", "a refund", "the API key", "my order", "the subscription", "a flight", "the report"]
 VERBS = ["reset", "cancel", "change", "download", "track", "renew", "book", "export", "share", "delete"]
@@ -152,7 +152,7 @@ async def bench_warm_start(vectors: npt.NDArray[np.float32], queries: int) -> No
             pipe = writer.client.pipeline(transaction=False)
             for i in range(start, min(start + 2000, len(vectors))):
                 q8, scale = quantize(vectors[i])
-                key = f"thrifty:cache:{{team:bench}}:sem:{i:016x}"
+                key = entry_key("team:bench", f"{i:016x}")
                 packed = pack_index(q8, scale, time.time() + 3600, f"team:bench/{i % 1000:032x}")
                 fields = {"idx": packed, "vec": vectors[i].tobytes(), "raw": raw, "text": "How do I reset my password?"}
                 pipe.hset(key, mapping=fields)

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.cache.semantic_key import compatible, embedded_text, partition, semantic_key
+import pytest
+
+from proxy.cache.semantic_key import (
+    DEFAULT_THRESHOLD,
+    WORDS_FLOOR,
+    compatible,
+    decide,
+    embedded_text,
+    partition,
+    same_words,
+    semantic_key,
+)
 
 
 def chat(*turns: tuple[str, Any], **fields: Any) -> dict[str, Any]:
@@ -32,6 +43,35 @@ def test_yes_in_two_conversations_lives_in_two_partitions() -> None:
     assert key_of(one) != key_of(two)
     again = chat(("user", "Shall I delete the database?"), ("assistant", "Are you sure?"), ("user", "yes please"))
     assert key_of(one) == key_of(again)  # the same conversation: only the last message is compared
+    # GPTCache#8: "how old is he?" about two different people.
+    obama = chat(("user", "Who was the 44th US president?"), ("assistant", "Barack Obama."), ("user", "how old is he?"))
+    biden = chat(("user", "Who was the 46th US president?"), ("assistant", "Joe Biden."), ("user", "how old is he?"))
+    assert key_of(obama) != key_of(biden)
+
+
+def test_earlier_turns_count_by_their_content_words() -> None:
+    """A conversation retyped (case, punctuation, greetings, contractions) shares a partition; any other word,
+    number, negation or order of words in an earlier turn splits it."""
+    one = chat(("user", "Shall I delete the database?"), ("assistant", "Are you sure? It can't be undone."), ("user", "yes"))
+    retyped = chat(
+        ("user", "hi, shall i delete the database"), ("assistant", "Are you sure?  It cannot be undone"), ("user", "yes")
+    )
+    assert key_of(one) == key_of(retyped)
+    for other in (
+        chat(("user", "Shall I delete the test database?"), ("assistant", "Are you sure? It can't be undone."), ("user", "yes")),
+        chat(("user", "Shall I delete the database?"), ("assistant", "Are you sure? It can be undone."), ("user", "yes")),
+        chat(("user", "Shall I delete the database?"), ("user", "Are you sure? It can't be undone."), ("user", "yes")),
+        chat(("user", "Shall I delete database 2?"), ("assistant", "Are you sure? It can't be undone."), ("user", "yes")),
+    ):
+        assert key_of(other) != key_of(one)
+    # Turns that are not plain text (tool calls, named turns) are kept exactly: a casing change splits them.
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}]}
+    with_tool = {
+        **chat(("user", "Run f")),
+        "messages": [{"role": "user", "content": "Run f"}, call, {"role": "user", "content": "ok?"}],
+    }
+    named = {**with_tool, "messages": [{"role": "user", "content": "run f"}, call, {"role": "user", "content": "ok?"}]}
+    assert key_of(with_tool) == key_of(dict(with_tool)) and key_of(with_tool) != key_of(named)
 
 
 def test_everything_that_changes_the_answer_splits_partitions() -> None:
@@ -75,3 +115,34 @@ def test_the_guard_refuses_other_numbers_and_negations() -> None:
     assert not compatible("Does the dog bite the man?", "Does the man bite the dog?")
     polite = "Hi, please transfer £50 from my savings to my current account"
     assert compatible(polite, "transfer £50 from savings to current account")
+
+
+def test_the_same_content_words_are_the_same_question() -> None:
+    assert same_words("What's the minimum order for free delivery?", "what is the minimum order for free delivery")
+    assert same_words("Hi! What is the notice period to end my tenancy? Cheers", "What is the notice period to end my tenancy?")
+    assert same_words("At the college, when is the next open day?", "When is the next open day at the college?")
+    assert same_words("Where can I find my invioce history?", "Where can I find my invoice history?")
+    assert same_words(
+        "What is the bagage allowence for economy passengers?", "What is the baggage allowance for economy passengers?"
+    )
+    assert not same_words("How do I switch energy supplier?", "How do I change energy supplier?")  # a synonym: the cosine tier's
+    assert not same_words("Is the trial free?", "Is the trail free?")  # two dictionary words: not a typo
+    assert not same_words("What's Mary's phone number?", "What's Mark's phone number?")  # too short to be taken for a typo
+    assert not same_words("Transfer from savings to current", "Transfer from current to savings")
+
+
+@pytest.mark.parametrize(
+    ("asked", "stored", "similarity", "tier"),
+    [
+        ("what's the minimum order for free delivery", "What is the minimum order for free delivery?", 0.93, "words"),
+        ("How do I cancle an order?", "How do I cancel an order?", 0.7, "words"),
+        ("How do I cancle an order?", "How do I cancel an order?", WORDS_FLOOR - 0.01, None),  # under the floor
+        ("How do I switch energy supplier?", "How do I change energy supplier?", 0.95, None),  # other words, low cosine
+        ("How do I switch energy supplier?", "How do I change energy supplier?", DEFAULT_THRESHOLD, "cosine"),
+        ("Is 7 a prime number?", "Is 8 a prime number?", 0.999, None),  # the guard holds in both tiers
+        ("Transfer £50 from my savings to my current account", "Transfer £50 from my current account to my savings", 0.998, None),
+        ("Can I cancel within the cooling-off period?", "Can I cancel after the cooling-off period?", 0.985, None),
+    ],
+)
+def test_decide_serves_in_two_tiers(asked: str, stored: str, similarity: float, tier: str | None) -> None:
+    assert decide(asked, stored, similarity) == tier
