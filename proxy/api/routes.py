@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -25,12 +26,13 @@ from proxy.api.sse import StreamTap, cost_comment, usage_chunk
 from proxy.app_state import GATEWAY, Gateway
 from proxy.cache.entry import Entry, replay, response_body
 from proxy.cost.pricing import usage_from_openai, usd
-from proxy.errors import ModelNotFound, NotReady, ThriftyError, UpstreamUnavailable
+from proxy.errors import AuthenticationFailed, ModelNotFound, NotFound, NotReady, ThriftyError, UpstreamUnavailable
 from proxy.pipeline.auth import Principal, bearer_token
 from proxy.pipeline.cache import Plan
 from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.guard import Ticket
 from proxy.pipeline.upstream import Served
+from proxy.telemetry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("thrifty.api")
 
@@ -244,6 +246,19 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), headers={"Content-Type": _JSON})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus scrape: the whole server's figures (every worker's), see ``proxy.telemetry``."""
+    telemetry = request.app[GATEWAY].telemetry
+    if telemetry is None or not telemetry.config.metrics:
+        raise NotFound("Metrics are turned off (telemetry.metrics: false).")
+    wanted = telemetry.config.metrics_token
+    if wanted is not None:
+        given = bearer_token(request.headers.get("Authorization"), None)
+        if given is None or not secrets.compare_digest(given.encode(), wanted.encode()):
+            raise AuthenticationFailed("/metrics needs the telemetry.metrics_token as a bearer token.")
+    return web.Response(body=await telemetry.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 def add_routes(app: web.Application) -> None:
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
@@ -251,5 +266,6 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
     add_report_routes(app)
     add_admin_routes(app)
