@@ -41,6 +41,7 @@ from proxy.redact import Redactor
 from proxy.settings import LITELLM_PROVIDERS, ModelConfig, Settings
 from proxy.storage.database import Database, open_database
 from proxy.storage.keys import KeyStore
+from proxy.telemetry import Telemetry, open_tracing
 
 log = logging.getLogger("thrifty.app")
 
@@ -69,11 +70,18 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 known = {m.name for m in models}
                 models += [m for m in await discover_local(session, settings.local_servers) if m.name not in known]
             redact = Redactor(m.api_key for m in models if m.api_key)
+            tracing = open_tracing(settings.telemetry)  # the OpenTelemetry SDK is imported only with an OTLP endpoint
             for model in models:
-                providers[model.name] = _provider(model, session, redact)
+                provider = _provider(model, session, redact)
+                providers[model.name] = tracing.wrap(provider) if tracing is not None else provider
             health = Health(models, settings.upstream)
             health.start(session)  # probes local backends in the background
             stack.push_async_callback(health.close)
+            telemetry = None
+            if settings.telemetry.metrics or tracing is not None:
+                telemetry = Telemetry(settings.telemetry, health, None, [m.name for m in models], tracing)
+                telemetry.start()
+                stack.push_async_callback(telemetry.close)  # after the ledger's last counts (callbacks run last-in first)
             router = await load_router(settings.policies, models, backends=health)  # invalid: the start fails
             reloader = None
             if router is not None and settings.policies is not None:
@@ -84,12 +92,16 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             counter = TokenCounter()  # one per process: each loaded encoding holds 30 to 70 MB
             ledger = await _ledger(settings, db, {m.name: m for m in models}, counter)
             stack.push_async_callback(ledger.close)
+            if telemetry is not None:
+                ledger.observe = telemetry.record
             guard = await open_guard(settings.budgets, models)
             if router is not None:  # prices for "cheapest", spend shares for "budget" (built after the router)
                 router.attach(prices=blended_prices([m.name for m in models], ledger.price_of), spend=guard)
             if guard is not None:
                 stack.push_async_callback(guard.close)  # settles still running, then Redis closes
             cache = open_cache(settings.cache)
+            if telemetry is not None:
+                telemetry.cache = cache
             if cache is not None:
                 stack.push_async_callback(cache.close)  # stores still running, then Redis closes
                 if semantic_wanted(settings.cache, router.policy if router is not None else None):
@@ -112,6 +124,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 health=health,
                 reloader=reloader,
                 pruner=pruner,
+                telemetry=telemetry,
             )
             gateway.upstream = Upstream(providers, gateway.models, health, settings.upstream, ledger.price_of)
             app[GATEWAY] = gateway

@@ -21,6 +21,7 @@ from proxy.redact import Redactor
 from proxy.settings import ModelConfig, Settings
 from proxy.storage.database import Database
 from proxy.storage.keys import KeyStore
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("thrifty.app")
 
@@ -43,6 +44,7 @@ class Gateway:
     reloader: PolicyReloader | None = None  # with router: hot reload, versions and the admin API
     health: Health = field(default_factory=lambda: Health(()))  # breakers and latency per model (BackendState)
     upstream: Upstream | None = None  # the upstream stage (retries, fallbacks, cascade); built at start-up
+    telemetry: Telemetry | None = None  # /metrics and traces; None when telemetry.metrics is off and no OTLP endpoint
 
     async def check_stores(self) -> list[str]:
         """What keeps the proxy from being ready; empty when every store answers."""

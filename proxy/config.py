@@ -38,6 +38,7 @@ from proxy.settings import (
     PruneConfig,
     ServerConfig,
     Settings,
+    TelemetryConfig,
     Timeouts,
     UpstreamConfig,
 )
@@ -106,7 +107,7 @@ def local_servers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return (("ollama", ollama), ("llamacpp", llamacpp))
 
 
-_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache", "upstream", "prune"}
+_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache", "upstream", "prune", "telemetry"}
 
 
 def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
@@ -125,6 +126,7 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
     cache = _cache(doc, data.get("cache", {}), {m.name for m in models})
     upstream = _upstream(doc, data.get("upstream", {}))
     prune = _prune(doc, data.get("prune", {}), {m.name for m in models})
+    telemetry = _telemetry(doc, data.get("telemetry", {}))
     return Settings(
         models=models,
         auth=auth,
@@ -135,8 +137,24 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
         cache=cache,
         upstream=upstream,
         prune=prune,
+        telemetry=telemetry,
         source=doc.source,
     )
+
+
+def _telemetry(doc: Document, data: Any) -> TelemetryConfig:
+    data = read_section(doc, ("telemetry",), data, {"metrics", "metrics_token", "otlp_endpoint", "service_name"})
+    base = TelemetryConfig()
+    if not isinstance(data.get("metrics", True), bool):
+        raise doc.error(("telemetry", "metrics"), "must be true or false")
+    token = read_str(doc, ("telemetry", "metrics_token"), data.get("metrics_token")) or None
+    if token is not None and len(token) < 16:
+        raise doc.error(("telemetry", "metrics_token"), "must be at least 16 characters")
+    endpoint = read_str(doc, ("telemetry", "otlp_endpoint"), data.get("otlp_endpoint")) or None
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise doc.error(("telemetry", "otlp_endpoint"), "must be an http:// or https:// URL (OTLP/HTTP, e.g. port 4318)")
+    name = read_str(doc, ("telemetry", "service_name"), data.get("service_name", base.service_name), required=True)
+    return TelemetryConfig(metrics=data.get("metrics", True), metrics_token=token, otlp_endpoint=endpoint, service_name=name)
 
 
 def _prune(doc: Document, data: Any, models: set[str]) -> PruneConfig:

@@ -20,9 +20,11 @@ import gc
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from multiprocessing.connection import wait
@@ -183,11 +185,16 @@ def _supervise(settings: Settings) -> int:
     # Bind once here (not listening) to resolve port 0 and to fail early on a taken port;
     # the workers bind the same port with SO_REUSEPORT.
     holder = bind(settings.server.host, settings.server.port, reuse_port=True)
+    # Where each worker leaves its metrics, so a scrape reaching any of them reports the whole
+    # server (proxy.telemetry); one per server, removed when the server stops.
+    shared = tempfile.mkdtemp(prefix="thrifty-metrics-")
     try:
         asyncio.run(_check_database(settings.ledger.url))
-        return _run_workers(replace(settings, server=replace(settings.server, port=holder.getsockname()[1])))
+        telemetry = replace(settings.telemetry, shared_dir=shared)
+        return _run_workers(replace(settings, server=replace(settings.server, port=holder.getsockname()[1]), telemetry=telemetry))
     finally:
         holder.close()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _run_workers(settings: Settings) -> int:

@@ -189,6 +189,19 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """Telemetry (``telemetry:``): Prometheus ``/metrics`` on the main port, OTLP traces when an endpoint is set."""
+
+    metrics: bool = True
+    metrics_token: str | None = field(default=None, repr=False)  # set: /metrics wants it as a bearer token
+    otlp_endpoint: str | None = None  # an OTLP/HTTP collector's base URL (…:4318); None: no traces, no SDK import
+    service_name: str = "thrifty"
+    # Not read from the file: the per-server directory ``thrifty serve --workers N`` creates, where
+    # each worker leaves its figures so a scrape of any worker reports the whole server's.
+    shared_dir: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     models: tuple[ModelConfig, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -199,6 +212,7 @@ class Settings:
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     source: str | None = None
     # Zero-config mode: probe for local Ollama / llama.cpp servers at start-up.
     discover_local: bool = False

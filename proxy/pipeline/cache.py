@@ -179,6 +179,8 @@ class ResponseCache:
         """Counters for metrics: hits (exact, semantic), misses, bypass, store errors; the semantic cache's own."""
         out: dict[str, Any] = {"hits_exact": 0, "hits_semantic": 0, "misses": 0, "bypass": 0, **self.counts}
         out["store_failures"] = self.store.failures if isinstance(self.store, FailOpenStore) else 0
+        inner = self.store.inner if isinstance(self.store, FailOpenStore) else None
+        out["store_errors"] = inner.errors if isinstance(inner, ErrorCount) else 0  # never reset: the metric's counter
         if self.semantic is not None:
             out["semantic"] = self.semantic.stats()
         return out
@@ -200,15 +202,40 @@ def _loads(body: bytes) -> Any:
         return None
 
 
+class ErrorCount:
+    """A store that counts its failures since start (``FailOpenStore.failures`` resets once Redis
+    answers again), for the cache error metric; the failure itself goes on to ``FailOpenStore``."""
+
+    def __init__(self, inner: CacheStore):
+        self.inner = inner
+        self.errors = 0
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            return await self.inner.get(key)
+        except Exception:
+            self.errors += 1
+            raise
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        try:
+            await self.inner.set(key, value, ttl)
+        except Exception:
+            self.errors += 1
+            raise
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 def open_cache(config: CacheConfig) -> ResponseCache | None:
     """The cache as configured: Redis (failing open) when a URL is set, else in-process; None when off."""
     if not config.enabled:
         return None
     store: CacheStore
     if config.redis_url:
-        store = FailOpenStore(
-            RedisStore(connect(config.redis_url, config.timeout_seconds, cluster=config.redis_cluster), config.timeout_seconds)
-        )
+        client = connect(config.redis_url, config.timeout_seconds, cluster=config.redis_cluster)
+        store = FailOpenStore(ErrorCount(RedisStore(client, config.timeout_seconds)))
     else:
         store = MemoryStore(config.memory_entries, config.memory_bytes)
         log.info("response cache kept in this process (no cache.redis_url): replicas do not share it")

@@ -43,6 +43,7 @@ class Ledger:
         self._prices = prices
         self._by_model: dict[str, Price] = {name: prices.for_model(m) for name, m in models.items()}
         self._counting = TaskSet("ledger-count")
+        self.observe: Callable[[Exchange], None] | None = None  # telemetry: sees each priced exchange once
 
     def price_of(self, model: str) -> Price:
         found = self._by_model.get(model) or self._prices.for_name(model)
@@ -117,6 +118,8 @@ class Ledger:
             self.writer.submit(self._record(exchange))
         except Exception:  # pricing must never fail a request; the log says what was lost
             log.exception("could not build the ledger record of request %s", exchange.request_id)
+        if self.observe is not None:
+            self.observe(exchange)
         if then is not None:
             then(exchange)
 
