@@ -264,7 +264,9 @@ async def test_sign_in_edit_save_and_roll_back(site: Site, browser: Browser) -> 
     await browser.open(f"{site.url}/admin")
     assert await browser.js("document.getElementById('app').hidden") is True
 
-    # A key without the admin role is told so, and is not kept.
+    # An unknown key gets the API's own message; a key without the admin role is told so; neither is kept.
+    await browser.sign_in("sk-not-a-key")
+    assert await browser.wait("document.getElementById('error').innerText") == "Invalid API key."
     await browser.sign_in(site.finance_key)
     assert await browser.wait("document.getElementById('error').innerText") == "this key is not an admin key"
     assert await browser.js("[sessionStorage.length, document.getElementById('app').hidden]") == [0, True]
