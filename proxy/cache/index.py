@@ -33,6 +33,11 @@ _GROW = 1.25  # a partition's arrays grow by a quarter (none unused for one entr
 SMALL_ROWS = 16  # up to this many entries a partition finds a key by a list search (no map)
 GROW_ROWS_MAX = 4096  # ... and by at most this many rows (a large one keeps little unused room)
 EVICT_SHARE = 100  # a tenant over its cap loses its least recently used 1/100 of the cap at once (at least 1)
+_META_BYTES = 24  # scale, expiry, last use: three float64 after each row's vector
+
+
+def _meta_offset(dims: int) -> int:
+    return (dims + 7) // 8 * 8  # float64 aligned
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +67,10 @@ class Partition:
 
     Small partitions (one per conversation is common) carry as little as possible: no key map
     below :data:`SMALL_ROWS` entries (a list search), no sign bits until the Hamming prefilter
-    is needed, and scale, expiry and last use in one float64 array.
+    is needed, and the vector, scale, expiry and last use of each entry in one row of one array.
     """
 
-    __slots__ = ("bits", "dims", "keys", "meta", "name", "q8", "rows", "size", "tenant")
+    __slots__ = ("bits", "buf", "dims", "keys", "name", "rows", "size", "tenant")
 
     def __init__(self, name: str, tenant: str, dims: int, capacity: int = 1):
         self.name = name
@@ -74,29 +79,38 @@ class Partition:
         self.size = 0
         self.keys: list[str] = []
         self.rows: dict[str, int] | None = None  # key -> row, once the partition is not small
-        self.q8 = np.zeros((capacity, dims), dtype=np.int8)
-        self.meta = np.zeros((capacity, 3), dtype=np.float64)  # scale, expiry, last use (the LRU order)
+        # One array per partition, a row per entry: the int8 vector, then (padded to 8 bytes) scale, expiry and
+        # last use as float64 (the LRU order). One array header, not two: most partitions hold one entry.
+        self.buf = np.zeros((capacity, _meta_offset(dims) + _META_BYTES), dtype=np.int8)
         self.bits: npt.NDArray[np.uint64] | None = None  # sign bits, column-wise, once the partition is large
+
+    @property
+    def q8(self) -> npt.NDArray[np.int8]:
+        return self.buf[:, : self.dims]
+
+    @property
+    def meta(self) -> npt.NDArray[np.float64]:
+        """Scale, expiry, last use: a float64 view of each row's tail."""
+        offset = _meta_offset(self.dims)
+        return self.buf[:, offset : offset + _META_BYTES].view(np.float64)
 
     def row(self, key: str) -> int:
         return self.rows[key] if self.rows is not None else self.keys.index(key)
 
     def _grow(self) -> None:
-        held = len(self.meta)
+        held = len(self.buf)
         capacity = held + max(1, min(int(held * (_GROW - 1)), GROW_ROWS_MAX))
-        # Copied into exact-size arrays: np.resize would keep a view of a larger buffer.
-        q8 = np.zeros((capacity, self.dims), dtype=np.int8)
-        q8[: self.size] = self.q8[: self.size]
-        meta = np.zeros((capacity, 3), dtype=np.float64)
-        meta[: self.size] = self.meta[: self.size]
-        self.q8, self.meta = q8, meta
+        # Copied into an exact-size array: np.resize would keep a view of a larger buffer.
+        buf = np.zeros((capacity, self.buf.shape[1]), dtype=np.int8)
+        buf[: self.size] = self.buf[: self.size]
+        self.buf = buf
         if self.bits is not None:
             bits = np.zeros((self.bits.shape[0], capacity), dtype=np.uint64)
             bits[:, : self.size] = self.bits[:, : self.size]
             self.bits = bits
 
     def add(self, key: str, q8: npt.NDArray[np.int8], scale: float, expires: float, now: float) -> None:
-        if self.size == len(self.meta):
+        if self.size == len(self.buf):
             self._grow()
         row = self.size
         self.q8[row] = q8
@@ -110,7 +124,7 @@ class Partition:
         if self.bits is not None:
             self.bits[:, row] = sign_bits(q8[None, :])[:, 0]
         elif self.size > EXACT_SCAN_ROWS:  # from now on searched through the Hamming prefilter
-            self.bits = np.zeros(((self.dims + 63) // 64, len(self.meta)), dtype=np.uint64)
+            self.bits = np.zeros(((self.dims + 63) // 64, len(self.buf)), dtype=np.uint64)
             self.bits[:, : self.size] = sign_bits(self.q8[: self.size])
 
     def remove(self, key: str) -> None:
@@ -118,7 +132,7 @@ class Partition:
         last = self.size - 1
         if row != last:
             moved = self.keys[last]
-            self.q8[row], self.meta[row] = self.q8[last], self.meta[last]
+            self.buf[row] = self.buf[last]
             if self.bits is not None:
                 self.bits[:, row] = self.bits[:, last]
             self.keys[row] = moved
@@ -155,7 +169,7 @@ class Partition:
         return [(int(rows[i]), float(scores[i])) for i in ranked]
 
     def nbytes(self) -> int:
-        return self.q8.nbytes + self.meta.nbytes + (self.bits.nbytes if self.bits is not None else 0)
+        return self.buf.nbytes + (self.bits.nbytes if self.bits is not None else 0)
 
 
 class VectorIndex:

@@ -23,6 +23,7 @@ guard), **cosine tier** (partition + guard + cosine: thrifty before the words ti
 from __future__ import annotations
 
 import argparse
+import difflib
 import gzip
 import json
 import math
@@ -30,7 +31,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,72 @@ def variant_table(scores: Sequence[Scored], floors: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
-def report(scores: Sequence[Scored], seconds: float, command: str) -> str:
+# Conversation candidates: how the earlier turns of a stored and a new conversation may differ and
+# still share an answer (the last message must pass ``semantic_key.decide`` at the shipped defaults).
+_NUMBER_OR_NEGATION = re.compile(r"\d|^(?:not|no|never|none|nothing|nobody|neither|nor|without|cannot)$")
+
+
+def turn_words(messages: list[dict[str, str]]) -> list[str]:
+    out: list[str] = []
+    for m in messages:
+        out += [f"<{m['role']}>", *semantic_key.content_words(m["content"])]
+    return out
+
+
+def inserted_only(stored: list[dict[str, str]], asked: list[dict[str, str]], clean: bool = False) -> bool:
+    """One side's earlier turns are the other's with words or turns added, nothing changed or moved
+    (``clean``: and nothing added holds a number or a negation)."""
+    short, long = sorted((turn_words(stored), turn_words(asked)), key=len)
+    for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, short, long, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        if tag != "insert" or (clean and any(_NUMBER_OR_NEGATION.search(w) for w in long[j1:j2])):
+            return False
+    return True
+
+
+def conversation_table(scores: Sequence[Scored], rows: Sequence[dict[str, Any]], context_similarity: dict[str, float]) -> str:
+    by_id = {r["id"]: r for r in rows}
+
+    def question(s: Scored) -> bool:  # the last message as decide() judges it, the earlier turns aside
+        return replace(s, same_partition=True).served(semantic_key.DEFAULT_THRESHOLD)
+
+    rules: list[tuple[str, Any]] = [
+        ("earlier turns exactly (before)", lambda s, a, b: a[:-1] == b[:-1]),
+        ("as content words (shipped)", lambda s, a, b: s.same_partition),
+        ("+ turns or words inserted", lambda s, a, b: inserted_only(a[:-1], b[:-1])),
+        ("+ inserted, no numbers or negations", lambda s, a, b: inserted_only(a[:-1], b[:-1], clean=True)),
+    ]
+    for t in (0.90, 0.95, 0.97) if context_similarity else ():
+        guard = lambda s, a, b: semantic_key.compatible(_joined(b), _joined(a))  # noqa: E731
+        rules.append(
+            (f"context cosine ≥ {t} + guard", lambda s, a, b, t=t, g=guard: context_similarity[s.id] >= t and g(s, a, b))
+        )
+    lines = ["| earlier turns compared | duplicates served | false hits |", "|---|---|---|"]
+    dup = [s for s in scores if s.duplicate]
+    neg = [s for s in scores if not s.duplicate]
+    for name, rule in rules:
+        served = [s for s in scores if question(s) and rule(s, by_id[s.id]["a"], by_id[s.id]["b"])]
+        hits, wrong = sum(s.duplicate for s in served), sum(not s.duplicate for s in served)
+        lines.append(f"| {name} | {hits / len(dup):.1%} ({hits} of {len(dup)}) | {wrong} of {len(neg)} |")
+    return "\n".join(lines)
+
+
+def _joined(messages: list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in messages[:-1])
+
+
+def context_similarities(rows: Sequence[dict[str, Any]], embedder: LocalEmbedder) -> dict[str, float]:
+    """Cosine of the two sides' earlier turns, each embedded as one text (the model reads its first 256 tokens)."""
+    pairs = [(r["id"], _joined(r["a"]), _joined(r["b"])) for r in rows if r["kind"] == "conversation"]
+    unique = sorted({t for _, a, b in pairs for t in (a, b)})
+    vectors = dict(zip(unique, embedder.embed_sync(unique), strict=True))
+    return {i: float(vectors[a] @ vectors[b]) for i, a, b in pairs}
+
+
+def report(
+    scores: Sequence[Scored], seconds: float, command: str, rows: Sequence[dict[str, Any]], context: dict[str, float]
+) -> str:
     shipped = semantic_key.DEFAULT_THRESHOLD
     out = [
         "# Semantic cache precision: results",
@@ -278,6 +344,15 @@ def report(scores: Sequence[Scored], seconds: float, command: str) -> str:
                 variant_table(mine, (0.0, semantic_key.WORDS_FLOOR, 0.8, 0.9)),
                 "",
             ]
+        else:
+            out += [
+                "Candidates for the earlier turns, at the shipped defaults for the last message"
+                + ("" if context else " (the context-embedding rows: `--context-embedding`)")
+                + ":",
+                "",
+                conversation_table(mine, rows, context),
+                "",
+            ]
     return "\n".join(out)
 
 
@@ -292,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=Path, default=PAIRS)
     parser.add_argument("--limit", type=int, help="only the first N pairs of each kind")
     parser.add_argument("--write-results", action="store_true", help=f"write the report to {RESULTS}")
+    parser.add_argument("--context-embedding", action="store_true", help="also embed earlier turns (a few minutes)")
     args = parser.parse_args(argv)
     rows = []
     for kind in ("question", "conversation"):
@@ -301,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     embedder = LocalEmbedder()
     scores = score(rows, embedder)
     seconds = time.perf_counter() - started
+    context = context_similarities(rows, embedder) if args.context_embedding else {}
     command = "python -m tests.benchmarks.cache_precision " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(scores, seconds, command.strip())
+    text = report(scores, seconds, command.strip(), rows, context)
     print(text)
     if args.write_results:
         # Hand-written notes below the marker survive a rerun.

@@ -17,7 +17,8 @@ What it measures, all in this process on the real structures:
 - warm start: the entries written to a private Redis (RedisProcess from tests.services, never
   the shared server) in thrifty's format, then ``RedisVectors.warm_start`` into a fresh index;
 - the whole semantic lookup after the embedding (``SemanticCache.lookup``: index search, the
-  candidate fetched from that Redis, float re-check, guard, decode), p50/p99.
+  candidate fetched from that Redis, float re-check, guard, decode), p50/p99; and a miss that
+  fetches every candidate over the words tier's floor (``semantic.CANDIDATES``) and refuses it.
 
 The 100,000 vectors are made from real embeddings of 2,000 generated questions (random
 mixtures of two plus noise, normalized), so they keep MiniLM's anisotropy; the queries are
@@ -41,7 +42,7 @@ from proxy.cache import entry as entries
 from proxy.cache.embedder import LocalEmbedder
 from proxy.cache.index import VectorIndex, quantize
 from proxy.cache.semantic import SemanticCache
-from proxy.cache.semantic_key import SemanticKey
+from proxy.cache.semantic_key import DEFAULT_THRESHOLD, SemanticKey
 from proxy.cache.semantic_sync import RedisVectors, entry_key, pack_index
 
 SUBJECTS = ["my password", "the invoice", "a refund", "the API key", "my order", "the subscription", "a flight", "the report"]
@@ -201,6 +202,16 @@ async def bench_semantic_lookup(cache: SemanticCache, vectors: npt.NDArray[np.fl
         times.append(time.perf_counter() - started)
         hits += hit is not None
     print(f"  semantic lookup after the embedding, partitions of 100 on Redis: {ms(times)}, {hits}/{queries} hits")
+    # The worst miss: every candidate over the words tier's floor is fetched, then refused (another number).
+    times, refused, fetched = [], cache.counts["guard_refused"], cache.counts
+    for target, probe in zip(targets, probes, strict=True):
+        key = SemanticKey("team:bench", f"team:bench/{target % 1000:032x}", "How do I reset my password in 2 steps?")
+        started = time.perf_counter()
+        hit = await cache.lookup(key, probe, DEFAULT_THRESHOLD)
+        times.append(time.perf_counter() - started)
+        assert hit is None
+    per = (fetched["guard_refused"] - refused) / queries
+    print(f"  a miss refused by the guard after {per:.1f} candidates fetched from Redis: {ms(times)}")
 
 
 def main() -> None:

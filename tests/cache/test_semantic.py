@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from proxy.cache import entry
 from proxy.cache.embedder import Embedded
 from proxy.cache.semantic import SemanticCache
 from proxy.cache.semantic_key import SemanticKey
@@ -36,6 +37,13 @@ def test_a_remote_embedder_is_priced_as_overhead_and_serves_hits(start_cached: S
     # Six words, one token each at the fake; litellm's price for text-embedding-3-small is $0.02 per 1M tokens.
     assert paid["overhead_nusd"] == hit["overhead_nusd"] == 6 * 20
     assert hit["cache"] == "semantic" and hit["similarity"] == pytest.approx(1.0, abs=1e-3)
+
+
+ANSWER = {
+    "object": "chat.completion",
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "£25"}, "finish_reason": "stop"}],
+}
 
 
 class Failing:
@@ -75,3 +83,24 @@ async def test_a_failing_embedder_or_store_is_a_miss_and_left_alone_for_a_while(
     assert len(broken.index) == 0  # not kept locally when the store did not take it
     await broken.store_answer(key, vector, b"{}", 60)
     assert broken.stats()["errors_store"] == 1 and broken.stats()["skipped_store"] == 1
+
+
+def _vector(cosine: float) -> np.ndarray:
+    """A unit vector at ``cosine`` from (1, 0, 0, 0)."""
+    return np.array([cosine, (1 - cosine**2) ** 0.5, 0, 0], dtype=np.float32)
+
+
+async def test_the_words_tier_serves_the_same_words_far_under_the_threshold() -> None:
+    cache = SemanticCache(Failing(), MemoryVectors(), 4, 10)
+    stored = SemanticKey("team:a", "team:a/p", "What is the minimum order for free delivery?")
+    await cache.store_answer(stored, _vector(1.0), entry.encode("team:a", ANSWER, None, 0.0), 60)
+    retyped = SemanticKey("team:a", "team:a/p", "whats the minimum order for free delivry")  # a typo, no apostrophe
+    hit = await cache.lookup(retyped, _vector(0.7), 0.99)
+    assert hit is not None and hit.tier == "words" and hit.similarity == pytest.approx(0.7, abs=1e-6)
+    other = SemanticKey("team:a", "team:a/p", "What is the maximum order for free delivery?")
+    assert await cache.lookup(other, _vector(0.98), 0.99) is None  # other words: only the cosine tier, under it
+    hit = await cache.lookup(other, _vector(0.995), 0.99)
+    assert hit is not None and hit.tier == "cosine"
+    assert await cache.lookup(retyped, _vector(0.45), 0.99) is None  # under the words tier's floor
+    assert await cache.lookup(SemanticKey("team:b", "team:b/p", retyped.text), _vector(1.0), 0.99) is None
+    assert cache.stats()["served_words"] == 1 and cache.stats()["served_cosine"] == 1
