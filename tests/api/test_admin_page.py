@@ -347,7 +347,8 @@ def _traffic(site: Site) -> list[tuple[str, str, str]]:
 async def test_charts_draw_one_bar_per_route_model_and_cache_result(site: Site, browser: Browser) -> None:
     seen = await asyncio.to_thread(_traffic, site)
     routes, models, caches = (Counter(s[i] for s in seen) for i in range(3))
-    assert len(routes) == 3 and len(models) == 3 and {"miss", "exact", "bypass"} <= set(caches)
+    # (the repeat is an exact hit unless the store lagged: the charts are checked against what happened)
+    assert len(routes) == 3 and len(models) == 3 and {"miss", "bypass"} <= set(caches)
 
     def recorded() -> bool:  # the ledger writes in batches
         report = httpx.get(
