@@ -40,6 +40,7 @@ FORMAT = 2
 # Fields that do not change the answer, or that the partition treats on its own.
 _LEFT_OUT = frozenset({"messages", "stream", "stream_options", "user", "metadata", "store", "seed", "temperature"})
 MAX_TEXT_CHARS = 4000  # longer questions are not embedded (the model reads 256 tokens): exact cache only
+CONTEXT_WORDS_CHARS = 16_000  # a longer history goes into the partition exactly (its words would take > 1 ms a request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +91,9 @@ def _plain(message: Any) -> bool:
 def context(messages: list[Any]) -> list[Any]:
     """What of the earlier messages goes into the partition: system and developer messages exactly, plain
     user and assistant turns as their content words; all of them exactly when any other turn is not plain
-    text (tool calls and results, images, names: structured data is compared as sent)."""
+    text (tool calls and results, images, names: structured data is compared as sent) or the history is long."""
     turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))]
-    if not all(_plain(m) for m in turns):
+    if not all(_plain(m) for m in turns) or sum(len(m["content"]) for m in turns) > CONTEXT_WORDS_CHARS:
         return messages
     return [[m["role"], " ".join(content_words(m["content"]))] if _plain(m) else m for m in messages]
 
@@ -136,34 +137,45 @@ _FILLER_WORDS = (
     " who why okay ok yeah like morning afternoon evening quick question one sorry wondering tell many team"
 )
 _FILLER = frozenset(_FILLER_WORDS.split())
-_WORD = re.compile(r"[a-z0-9£$€%]+")
-_CONTRACTIONS = tuple(
-    (re.compile(pattern), spelled)
-    for pattern, spelled in (
-        (r"\bwon't\b", "will not"),
-        (r"\bcan't\b", "cannot"),
-        (r"\bshan't\b", "shall not"),
-        (r"n't\b", " not"),
-        (r"'re\b", " are"),
-        (r"'ve\b", " have"),
-        (r"'ll\b", " will"),
-        (r"'d\b", " would"),
-        (r"'m\b", " am"),
-        (r"\b(what|where|when|who|how|why|there|here|that|it|he|she)'s\b", r"\1 is"),
-        (r"\b(what|where|when|who|how|why|there|that|it)s\b", r"\1 is"),  # "whats", typed without the apostrophe
-    )
-)
+_TOKEN = re.compile(r"[a-z0-9£$€%']+")
+# Contractions spelled out: "can't" and "cannot" are one word, "what's" is "what is", "don't" is "do not".
+_SPELLED = {"won't": ("will", "not"), "can't": ("cannot",), "shan't": ("shall", "not")}
+_SUFFIXES = (("n't", "not"), ("'re", "are"), ("'ve", "have"), ("'ll", "will"), ("'d", "would"), ("'m", "am"))
+_IS_WORDS = "what where when who how why there here that it he she"
+_IS = frozenset(_IS_WORDS.split())  # "<word>'s" is "<word> is"
+_IS_BARE = {w + "s": w for w in _IS - {"here", "he", "she"}}  # "whats", typed without the apostrophe
 FRONTED_WORDS = 6  # "At the college, when ...": a leading clause of at most this many content words may move
 TYPO_LENGTH = 6  # words this long or longer may differ by one edit when one of them is not a dictionary word
 TYPOS = 3  # at most this many misspelt words in one question
 
 
 def content_words(text: str) -> list[str]:
-    """The words that carry meaning, lower-cased, contractions spelled out, apostrophes dropped, in order."""
-    lowered = text.lower().replace("’", "'")
-    for pattern, spelled in _CONTRACTIONS:
-        lowered = pattern.sub(spelled, lowered)
-    return [w for w in _WORD.findall(lowered.replace("'", "")) if w not in _FILLER]
+    """The words that carry meaning, lower-cased, contractions spelled out, apostrophes dropped, in order.
+
+    One pass over the text (a long conversation's earlier turns go through it on every request)."""
+    out: list[str] = []
+    for token in _TOKEN.findall(text.lower().replace("’", "'")):
+        if "'" in token:
+            words = _expand(token.strip("'"))
+        elif token in _IS_BARE:
+            words = (_IS_BARE[token], "is")
+        else:
+            if token not in _FILLER:
+                out.append(token)
+            continue
+        out.extend(w for w in words if w and w not in _FILLER)
+    return out
+
+
+def _expand(token: str) -> tuple[str, ...]:
+    if token in _SPELLED:
+        return _SPELLED[token]
+    for suffix, spelled in _SUFFIXES:
+        if token.endswith(suffix):
+            return token[: -len(suffix)].replace("'", ""), spelled
+    if token.endswith("'s") and token[:-2] in _IS:
+        return token[:-2], "is"
+    return (token.replace("'", ""),)  # a possessive ("child's": "childs") or a quote
 
 
 @functools.cache

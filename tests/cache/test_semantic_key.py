@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from proxy.cache.semantic_key import (
+    CONTEXT_WORDS_CHARS,
     DEFAULT_THRESHOLD,
     WORDS_FLOOR,
     compatible,
@@ -72,6 +73,9 @@ def test_earlier_turns_count_by_their_content_words() -> None:
     }
     named = {**with_tool, "messages": [{"role": "user", "content": "run f"}, call, {"role": "user", "content": "ok?"}]}
     assert key_of(with_tool) == key_of(dict(with_tool)) and key_of(with_tool) != key_of(named)
+    # So is a history too long to read word by word on every request.
+    long = "Tell me about the history of Rome. " * (CONTEXT_WORDS_CHARS // 30)
+    assert key_of(chat(("user", long), ("user", "more"))) != key_of(chat(("user", long.lower()), ("user", "more")))
 
 
 def test_everything_that_changes_the_answer_splits_partitions() -> None:
