@@ -1,7 +1,8 @@
 """The semantic cache end to end: real gateways with the real in-process MiniLM embedder, the
 official SDK, the fake upstream, the in-process store and real Redis. A paraphrase is answered
 from the cache (``x-thrifty-cache: semantic``, the similarity in the ledger), streamed or not;
-"yes" in two conversations never matches; two gateways sharing Redis see each other's entries
+"yes" in two conversations never matches; at the shipped defaults a retyped question or
+conversation is served (the words tier) and another one is not; two gateways sharing Redis see each other's entries
 within a second; a restarted gateway finds its entries again; Redis down fails no request."""
 
 from __future__ import annotations
@@ -144,3 +145,25 @@ def test_requests_succeed_while_redis_is_down(start_cached: StartCached, fake: F
     assert len(fake.requests) == 3
     stats = cache_of(down).stats()
     assert stats["semantic"].get("errors_store", 0) >= 1 and stats["misses"] == 3
+
+
+def test_at_the_shipped_defaults_a_retyped_question_and_conversation_are_served(
+    start_cached: StartCached, fake: FakeUpstream
+) -> None:
+    """The words tier, far under the cosine threshold: other casing, a greeting, a contraction, a typo;
+    in a conversation, earlier turns retyped too. Another question or another history is not served."""
+    gateway = start_cached(mode="semantic")  # no threshold: the shipped defaults
+    client = tenant_client(gateway)
+    ask(client, "What is the minimum order for free delivery?")
+    ask(client, "Can I change my flight?", "Yes, up to 24 hours before departure.", "Is there a fee?")
+    gateway.drain()
+    retyped = ask(client, "hi! whats the minimum order for free delivry")
+    assert retyped.headers["x-thrifty-cache"] == "semantic"
+    record = record_of(gateway.db_path, retyped.headers["x-request-id"])
+    assert record["similarity"] < 0.99  # served by the words tier
+    again = ask(client, "can i change my flight", "Yes, up to 24 hours before departure", "is there a fee")
+    assert again.headers["x-thrifty-cache"] == "semantic"
+    assert ask(client, "What is the maximum order for free delivery?").headers["x-thrifty-cache"] == "miss"
+    other = ask(client, "Can I change my hotel?", "Yes, up to 24 hours before departure.", "Is there a fee?")
+    assert other.headers["x-thrifty-cache"] == "miss"
+    assert len(fake.requests) == 4
