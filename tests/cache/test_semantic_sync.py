@@ -1,6 +1,6 @@
 """Two replicas' semantic caches on one real Redis: adds and evictions reach the other replica
 through the stream, a malformed event does not stop the follower, and the entry format packs
-and unpacks the index fields."""
+and unpacks the index fields; entries and events of the first format are never read."""
 
 from __future__ import annotations
 
@@ -77,3 +77,28 @@ async def test_replicas_follow_each_others_adds_and_evictions(redis_url: str) ->
     finally:
         await a.close()
         await b.close()
+
+
+async def test_entries_of_the_first_format_are_never_read(redis_url: str) -> None:
+    """Entries stored before the tiers (partitions hashed every earlier message exactly) live under
+    ``…:sem:<id>`` and on the first stream: a gateway of this version neither loads nor follows them."""
+    tenant = f"team:old-{uuid.uuid4().hex[:8]}"
+    writer = RedisVectors(redis_url, 1.0)
+    q8, scale = quantize(np.array([1, 0, 0, 0], dtype=np.float32))
+    packed = pack_index(q8, scale, time.time() + 60, f"{tenant}/p")
+    old = f"thrifty:cache:{{{tenant}}}:sem:0123456789abcdef"
+    raw = entries.encode(tenant, answer("old"), None, time.time())
+    await writer.client.hset(old, mapping={"idx": packed, "vec": b"\x00" * 16, "text": "first question", "raw": raw})
+    await writer.client.expire(old, 60)
+    cache = SemanticCache(Failing(), RedisVectors(redis_url, 1.0), 4, max_per_tenant=10)
+    await cache.start()
+    try:
+        old_event = {"op": "add", "key": "fedcba9876543210", "tenant": tenant, "idx": packed}
+        await writer.client.xadd("thrifty:cache:semantic:events", old_event)
+        await asyncio.sleep(0.3)
+        assert tenant not in {t for t, _ in cache.index.entries()}
+        assert STREAM != "thrifty:cache:semantic:events" and ":sem2:" in entry_key(tenant, "x")
+    finally:
+        await cache.close()
+        await writer.client.delete(old)
+        await writer.close()
