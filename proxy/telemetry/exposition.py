@@ -28,11 +28,16 @@ def write(path: Path, data: bytes) -> None:
     os.replace(temporary, path)  # a reader sees the old file or the new one, never half of one
 
 
-def _read_others(directory: Path, own: Path | None) -> list[Snapshot]:
+def _read_others(directory: Path, own: Path | None, known: set[str]) -> list[Snapshot]:
+    """The other workers' files. A directory listing taken while a worker renames its new file into
+    place can miss that file, so every name once seen is kept in ``known`` (files stay as long as
+    the server runs) and read by name: the open itself never misses."""
+    known.update(path.name for path in directory.glob("*.json"))
     found = []
-    for path in directory.glob("*.json"):
-        if own is not None and path.name == own.name:
+    for name in sorted(known):
+        if own is not None and name == own.name:
             continue
+        path = directory / name
         try:
             found.append(orjson.loads(path.read_bytes()))
         except (OSError, orjson.JSONDecodeError) as exc:  # a worker's file removed in between: skip it
@@ -82,8 +87,8 @@ def _add(table: dict[tuple[str, ...], list[float]], key: tuple[str, ...], values
             cell[i] += value
 
 
-def expose(own: Snapshot, directory: Path | None, own_file: Path | None) -> bytes:
-    snapshots = [own, *(_read_others(directory, own_file) if directory is not None else [])]
+def expose(own: Snapshot, directory: Path | None, own_file: Path | None, known: set[str]) -> bytes:
+    snapshots = [own, *(_read_others(directory, own_file, known) if directory is not None else [])]
     return render(merge(snapshots))
 
 

@@ -81,6 +81,7 @@ class Telemetry:
         if config.shared_dir:
             self._file = Path(config.shared_dir) / f"{os.getpid()}-{time.time_ns()}.json"
         self._flusher: asyncio.Task[None] | None = None
+        self._known: set[str] = set()  # the workers' file names seen so far (only the scrape's thread touches it)
 
     def record(self, ex: Exchange) -> None:
         """Count one finished exchange (``Ledger.record`` calls it once, priced). Never raises."""
@@ -169,7 +170,7 @@ class Telemetry:
         """The whole server's figures in Prometheus text format (read, summed and rendered off the loop)."""
         own = self.snapshot()
         directory = Path(self.config.shared_dir) if self.config.shared_dir else None
-        return await asyncio.to_thread(expose, own, directory, self._file)
+        return await asyncio.to_thread(expose, own, directory, self._file, self._known)
 
     def start(self) -> None:
         if self._file is not None:
