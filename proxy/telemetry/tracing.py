@@ -53,9 +53,10 @@ class Tracing:
         if not endpoint.endswith("/v1/traces"):
             endpoint += "/v1/traces"
         self._provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
-        # The batch processor's thread exports; a full queue drops spans rather than slow requests.
+        # The batch processor's thread exports; a full queue drops spans rather than slow requests,
+        # and a collector that does not answer holds the shutdown (last export) about 5 s at most.
         self._provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=schedule_delay_ms)
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=5), schedule_delay_millis=schedule_delay_ms)
         )
         self._tracer = self._provider.get_tracer("thrifty")
 

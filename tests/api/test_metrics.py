@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.settings import CacheConfig, Settings, TelemetryConfig
+from proxy.settings import BudgetLimit, BudgetsConfig, CacheConfig, Settings, TelemetryConfig, UpstreamConfig
 from tests.conftest import MASTER_KEY
 from tests.fake_upstream import FakeUpstream
 from tests.servers import ThreadServer
@@ -156,3 +157,32 @@ def test_dashboard_reads_metrics_that_exist(gateway: ThreadServer, client: opena
     wanted = dashboard_metrics()
     assert {"thrifty_cost_usd_total", "thrifty_savings_usd_total", "thrifty_cache_errors_total"} <= wanted
     assert wanted <= exposed, wanted - exposed
+
+
+def test_budget_refusals_and_open_breakers(
+    start_gateway: Callable[[Settings], ThreadServer], settings: Settings, fake: FakeUpstream
+) -> None:
+    limit = BudgetLimit("key", "*", "daily", hard_nusd=1)  # a billionth of a dollar: the first request is refused
+    breaker = UpstreamConfig(retries=0, breaker_failures=2, breaker_cooldown=60)
+    server = start_gateway(replace(settings, budgets=BudgetsConfig(limits=(limit,)), upstream=breaker))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=MASTER_KEY, max_retries=0)
+    with client, pytest.raises(openai.RateLimitError):
+        chat(client, "gpt-4o", "too expensive")
+    found = samples(scrape(server.url))
+    assert total(found, "thrifty_budget_refusals_total") == 1
+    assert total(found, "thrifty_requests_total", status_class="4xx") == 1
+
+    async def broken(payload: dict[str, object], request: object) -> web.Response:
+        return web.json_response({"error": {"message": "down", "type": "server_error"}}, status=500)
+
+    fake.handler = broken
+    server = start_gateway(replace(settings, upstream=breaker))  # a second gateway, no budget: its breaker opens
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=MASTER_KEY, max_retries=0) as client:
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError):
+                chat(client, "gpt-4o", "anyone there?")
+    found = samples(scrape(server.url))
+    assert total(found, "thrifty_upstream_breaker_state", gen_ai_response_model="gpt-4o", state="open") == 1
+    assert total(found, "thrifty_upstream_breaker_state", gen_ai_response_model="gpt-4o", state="closed") == 0
+    assert total(found, "thrifty_requests_total", gen_ai_response_model="gpt-4o", status_class="5xx") == 2
+    assert total(found, "thrifty_upstream_attempts_total", gen_ai_response_model="gpt-4o") == 2
