@@ -186,3 +186,31 @@ def test_budget_refusals_and_open_breakers(
     assert total(found, "thrifty_upstream_breaker_state", gen_ai_response_model="gpt-4o", state="closed") == 0
     assert total(found, "thrifty_requests_total", gen_ai_response_model="gpt-4o", status_class="5xx") == 2
     assert total(found, "thrifty_upstream_attempts_total", gen_ai_response_model="gpt-4o") == 2
+
+
+def test_a_fallback_is_counted_with_its_route(
+    start_gateway: Callable[[Settings], ThreadServer], settings: Settings, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: metrics\nrules:\n  - name: mini-first\n    match: {model: auto}\n    action: {target: [gpt-4o-mini, gpt-4o]}\n",
+        encoding="utf-8",
+    )
+
+    async def mini_down(payload: dict[str, object], request: object) -> web.Response | None:
+        return (
+            web.json_response({"error": {"message": "crashed", "type": "server_error"}}, status=500)
+            if payload["model"] == "gpt-4o-mini"
+            else None
+        )
+
+    fake.handler = mini_down
+    upstream = UpstreamConfig(retries=1, backoff_base=0.01, backoff_max=0.05, probe_interval=0)
+    server = start_gateway(replace(settings, policies=str(policy), upstream=upstream, cache=CacheConfig(enabled=False)))
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=MASTER_KEY, max_retries=0) as client:
+        chat(client, "auto", "hello")
+    found = samples(scrape(server.url))
+    labels = {"gen_ai_request_model": "auto", "gen_ai_response_model": "gpt-4o"}
+    assert total(found, "thrifty_upstream_fallbacks_total", **labels) == 1
+    assert total(found, "thrifty_requests_total", thrifty_route="mini-first", **labels) == 1
+    assert total(found, "thrifty_upstream_attempts_total", gen_ai_response_model="gpt-4o") == 3  # a retry, then the fallback
