@@ -111,7 +111,9 @@ def render(merged: Snapshot) -> bytes:
             family.add_metric(list(projected), value)
         families.append(family)
     errors = CounterMetricFamily(
-        "thrifty_cache_errors", "Cache store calls that failed (Redis down or slow): served uncached.", labels=["tier"]
+        "thrifty_cache_errors",
+        "Cache calls that failed (Redis down or slow; the embedder): those requests were served uncached.",
+        labels=["tier"],
     )
     for tier, count in sorted(merged["cache_errors"].items()):
         errors.add_metric([tier], count)

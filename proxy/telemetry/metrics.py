@@ -156,7 +156,8 @@ class Telemetry:
             stats = self.cache.stats()
             errors["exact"] = stats.get("store_errors", 0)
             semantic = stats.get("semantic") or {}
-            errors["semantic"] = sum(v for k, v in semantic.items() if k.startswith("errors_"))
+            errors["semantic"] = semantic.get("errors_store", 0)  # the semantic entries' Redis calls
+            errors["embedder"] = semantic.get("errors_embedder", 0)  # a remote embedding endpoint that failed
         breakers = [[m, self._health.state(m)] for m in self._models] if self._health is not None else []
         return {
             "pid": os.getpid(),
