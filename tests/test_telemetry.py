@@ -6,6 +6,7 @@ config section, and the merge of worker snapshots."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -64,15 +65,33 @@ def test_every_worker_reports_the_whole_server(
         assert [total(s, "thrifty_requests_total") for s in scrapes] == [20] * 10
         tokens = {total(s, "thrifty_tokens_total", gen_ai_token_type="input") for s in scrapes}
         assert {total(s, "thrifty_upstream_breaker_state", state="closed") for s in scrapes} == {2}  # one per worker
+        assert ledger_sums(tmp_path / "thrifty.db", 20) == (20, *tokens)
+
+        # A worker killed: the supervisor starts another; the dead one's counts stay, its gauges go.
+        victim = int(next(directory.glob("*.json")).name.split("-")[0])
+        os.kill(victim, signal.SIGKILL)
+        served.wait_for(rf"worker {victim} exited")
+        served.wait_for("listening on", count=3)
+        time.sleep(FLUSH_SECONDS * 4)
+        after = [samples(scrape(url)) for _ in range(6)]
+        assert [total(s, "thrifty_requests_total") for s in after] == [20] * 6
+        assert {total(s, "thrifty_upstream_breaker_state", state="closed") for s in after} == {2}
         served.terminate()
         assert served.exit_code() == 0
         assert not directory.exists()  # the supervisor removes it
     finally:
         served.kill()
-    with sqlite3.connect(tmp_path / "thrifty.db") as db:
-        count, prompt = db.execute("SELECT count(*), sum(prompt_tokens) FROM ledger").fetchone()
-    assert count == 20
-    assert tokens == {prompt}
+
+
+def ledger_sums(db: Path, count: int, timeout: float = 10) -> tuple[int, int]:
+    """Records and prompt tokens in the ledger, once the writer has stored ``count`` records."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(db) as conn:
+            found, prompt = conn.execute("SELECT count(*), sum(prompt_tokens) FROM ledger").fetchone()
+        if found >= count or time.monotonic() > deadline:
+            return found, prompt
+        time.sleep(0.1)
 
 
 class Collector:
