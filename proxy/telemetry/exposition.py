@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ log = logging.getLogger("thrifty.telemetry")
 
 
 def write(path: Path, data: bytes) -> None:
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".{threading.get_ident()}.tmp")  # two writes at shutdown never share one
     temporary.write_bytes(data)
     os.replace(temporary, path)  # a reader sees the old file or the new one, never half of one
 
