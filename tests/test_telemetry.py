@@ -23,9 +23,12 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
 from proxy.config import load_settings
+from proxy.cost.pricing import Charge, Usage
 from proxy.errors import ConfigError
-from proxy.settings import Settings, TelemetryConfig, UpstreamConfig
-from proxy.telemetry.exposition import merge
+from proxy.pipeline.exchange import Exchange
+from proxy.settings import ModelConfig, Settings, TelemetryConfig, UpstreamConfig
+from proxy.telemetry import Telemetry
+from proxy.telemetry.exposition import merge, render
 from proxy.telemetry.schema import FLUSH_SECONDS
 from tests.api.test_metrics import samples, scrape, total
 from tests.conftest import MASTER_KEY
@@ -226,3 +229,19 @@ def test_merge_keeps_dead_workers_counts_but_not_their_gauges() -> None:
     assert merged["rows"][tuple(row[:7])][:3] == [2.0, 20, 10]
     assert merged["cache_errors"] == {"exact": 3}
     assert merged["breakers"] == {("gpt-4o", "closed"): 1}
+
+
+def test_a_semantic_hit_is_counted_with_its_similarity() -> None:
+    model = ModelConfig("gpt-4o", "openai", "http://127.0.0.1:9/v1")
+    telemetry = Telemetry(TelemetryConfig(), models=["gpt-4o"])
+    hit = Exchange("r1", "chat/completions", requested_model="gpt-4o", target=model, cache="semantic", similarity=0.955)
+    hit.usage, hit.charge = Usage(100, 20, source="cache"), Charge(0, 1500, 1500, 0, 0, 40)
+    hit.finished = hit.started + 0.002
+    telemetry.record(hit)
+    found = samples(render(merge([telemetry.snapshot()])).decode())
+    assert total(found, "thrifty_cache_similarity_bucket", le="0.96") == 1
+    assert total(found, "thrifty_cache_similarity_bucket", le="0.94") == 0
+    assert total(found, "thrifty_cache_similarity_sum") == pytest.approx(0.955)
+    assert total(found, "thrifty_savings_usd_total", lever="cache") == pytest.approx(1.5e-6)
+    assert total(found, "thrifty_overhead_usd_total") == pytest.approx(4e-8)
+    assert total(found, "thrifty_requests_total", thrifty_cache_result="semantic") == 1
