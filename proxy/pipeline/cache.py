@@ -179,10 +179,17 @@ class ResponseCache:
         """Counters for metrics: hits (exact, semantic), misses, bypass, store errors; the semantic cache's own."""
         out: dict[str, Any] = {"hits_exact": 0, "hits_semantic": 0, "misses": 0, "bypass": 0, **self.counts}
         out["store_failures"] = self.store.failures if isinstance(self.store, FailOpenStore) else 0
-        inner = self.store.inner if isinstance(self.store, FailOpenStore) else None
-        out["store_errors"] = inner.errors if isinstance(inner, ErrorCount) else 0  # never reset: the metric's counter
         if self.semantic is not None:
             out["semantic"] = self.semantic.stats()
+        return out
+
+    def errors(self) -> dict[str, int]:
+        """Failed calls since start by tier, for the cache error metric (cheap: no walk of the index)."""
+        inner = self.store.inner if isinstance(self.store, FailOpenStore) else None
+        out = {"exact": inner.errors if isinstance(inner, ErrorCount) else 0}
+        if self.semantic is not None:
+            out["semantic"] = self.semantic.counts["errors_store"]  # its entries' Redis calls
+            out["embedder"] = self.semantic.counts["errors_embedder"]
         return out
 
     async def drain(self) -> None:

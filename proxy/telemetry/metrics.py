@@ -151,13 +151,7 @@ class Telemetry:
 
     def snapshot(self) -> Snapshot:
         """This process's figures: cumulative tables plus what the cache and breakers say now."""
-        errors: dict[str, float] = {}
-        if self.cache is not None:
-            stats = self.cache.stats()
-            errors["exact"] = stats.get("store_errors", 0)
-            semantic = stats.get("semantic") or {}
-            errors["semantic"] = semantic.get("errors_store", 0)  # the semantic entries' Redis calls
-            errors["embedder"] = semantic.get("errors_embedder", 0)  # a remote embedding endpoint that failed
+        errors = self.cache.errors() if self.cache is not None else {}
         breakers = [[m, self._health.state(m)] for m in self._models] if self._health is not None else []
         return {
             "pid": os.getpid(),
