@@ -31,7 +31,7 @@ from proxy.errors import AuthenticationFailed, ModelNotFound, NotFound, NotReady
 from proxy.pipeline.auth import Principal, bearer_token
 from proxy.pipeline.cache import Plan
 from proxy.pipeline.exchange import Exchange
-from proxy.pipeline.guard import Ticket
+from proxy.pipeline.guard import Ticket, hold_price
 from proxy.pipeline.upstream import Served
 from proxy.telemetry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -97,7 +97,7 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
         if hit is not None:
             return await _answer_cached(request, gateway, exchange, hit)
     parsed = await gateway.pruner.prune(exchange, parsed, request.headers) if gateway.pruner else parsed
-    ticket = await gateway.guard.admit(exchange, gateway.ledger.price_of(target.name)) if gateway.guard else None
+    ticket = await gateway.guard.admit(exchange, hold_price(exchange, gateway.ledger.price_of)) if gateway.guard else None
     if ticket is not None:
         request[_BUDGET] = ticket
     assert gateway.upstream is not None  # built at start-up

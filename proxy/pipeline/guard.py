@@ -121,6 +121,24 @@ def output_allowance(endpoint: str, payload: Mapping[str, Any], model_cap: int |
     return per_choice * choices
 
 
+def hold_price(exchange: Exchange, price_of: Callable[[str], Price]) -> Price:
+    """The unit prices a hold is made at: the dearest of the models the request may end on
+    (the target, then a rule's fallbacks or a cascade's escalation), so that a fallback to a
+    dearer model never spends past a hard limit. The settle charges what was really spent."""
+    assert exchange.target is not None
+    price = price_of(exchange.target.name)
+    decision = exchange.decision
+    if decision is None or decision.model is None or not decision.fallbacks:
+        return price
+    prices = [price, *(price_of(name) for name in decision.fallbacks)]
+    return Price(
+        max(p.input for p in prices),
+        max(p.output for p in prices),
+        max(p.cached_input for p in prices),
+        "dearest of target and fallbacks",
+    )
+
+
 def estimate(price: Price, prompt_tokens: int, output_tokens: int) -> int:
     """The worst-case cost in nano-USD (cached-input discounts ignored: an upper bound)."""
     return cost_nusd(price, prompt_tokens, 0, output_tokens)

@@ -481,3 +481,33 @@ def test_a_key_without_budgets_is_not_held(
     with client_for(gateway, team) as client, pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=5)  # type: ignore[arg-type]
     assert gateway.app[GATEWAY].guard.settling == 0
+
+
+def test_a_hold_covers_the_dearest_model_a_fallback_could_end_on(
+    start_gateway: Any,
+    upstream: tuple[FakeUpstream, ThreadServer],
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811
+    team: str,
+) -> None:
+    fake, server = upstream
+    policy = tmp_path / "fallback.yaml"
+    policy.write_text(
+        "rules:\n"
+        "  - {name: mini-only, match: {model: cheap}, action: {target: gpt-4o-mini}}\n"
+        "  - {name: mini-then-4o, match: {model: auto}, action: {target: [gpt-4o-mini, gpt-4o]}}\n",
+        encoding="utf-8",
+    )
+    settings = budgeted(settings_for(server.url, tmp_path), redis_url, limit("team", team, hard=0.010))
+    prices = {**settings.prices, "gpt-4o-mini": PriceConfig(Decimal(1), Decimal(1))}
+    gateway = start_gateway(replace(settings, prices=prices, policies=str(policy)))
+    with client_for(gateway, team) as client:
+        # At gpt-4o-mini's price the hold is a few micro-dollars: served.
+        served = client.chat.completions.with_raw_response.create(model="cheap", messages=HI, max_tokens=5)  # type: ignore[arg-type]
+        assert served.headers["x-thrifty-model"] == "gpt-4o-mini"
+        # The same request may fall back to gpt-4o ($1,000 per 1M): ~$0.013 could be spent, over $0.010.
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model="auto", messages=HI, max_tokens=5)  # type: ignore[arg-type]
+    error = caught.value.body
+    assert isinstance(error, dict) and error["code"] == "budget_exceeded"
+    assert len(fake.requests) == 1  # the refused request never reached an upstream
