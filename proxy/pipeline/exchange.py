@@ -34,7 +34,8 @@ class Exchange:
     route: str | None = None
     policy_version: str | None = None
     usage: Usage | None = None
-    prompt_tokens_before: int | None = None
+    prompt_tokens_before: int | None = None  # thrifty's count of the prompt before pruning
+    pruned_tokens: int | None = None  # thrifty's count of what pruning removed (the summary added back)
     streamed_text: list[str] | None = None  # content relayed, kept only while no usage is known
     upstream_started: float | None = None
     first_byte: float | None = None

@@ -84,7 +84,7 @@ class Ledger:
             # An alias such as "auto" names no priced model: no baseline to claim routing savings
             # against, so the served model is its own baseline (savings 0, never a made-up figure).
             requested = served
-        before = exchange.prompt_tokens_before if exchange.prompt_tokens_before is not None else usage.prompt_tokens
+        before = prompt_before(exchange, usage)
         exchange.charge = charge(
             requested=requested,
             served=served,
@@ -155,9 +155,7 @@ class Ledger:
             policy_version=exchange.policy_version,
             cache=exchange.cache,
             stream=exchange.stream,
-            prompt_tokens_before=exchange.prompt_tokens_before
-            if exchange.prompt_tokens_before is not None
-            else usage.prompt_tokens,
+            prompt_tokens_before=prompt_before(exchange, usage),
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             cached_tokens=usage.cached_tokens,
@@ -187,6 +185,17 @@ class Ledger:
             similarity=exchange.similarity,
             prune=exchange.prune,
         )
+
+
+def prompt_before(exchange: Exchange, usage: Usage) -> int:
+    """The prompt's size before pruning, in the upstream's own tokens where it reported them:
+    what it counted plus what thrifty removed. Another tokenizer (Claude's, Llama's) than the
+    one thrifty counts with then skews only the removed part, not the whole prompt."""
+    if exchange.pruned_tokens is not None and usage.source == "upstream":
+        return usage.prompt_tokens + exchange.pruned_tokens
+    if exchange.prompt_tokens_before is not None:
+        return exchange.prompt_tokens_before
+    return usage.prompt_tokens
 
 
 def _features(exchange: Exchange) -> Features | None:

@@ -195,12 +195,15 @@ class Pruner:
             return parsed
         exchange.prompt_tokens_before = pure.PRIMER + sum(sizes)
         kept = pruned.messages
+        sent = pruned.tokens
         strategies = list(pruned.strategies)
         if pruned.summary_at is not None:
             summary = await self._summary(exchange, pruned, summarizer, model)
             if summary is not None:
                 kept = [*kept[: pruned.summary_at], summary[0], *kept[pruned.summary_at :]]
+                sent += self.sizer.size(summary[0], model)  # counted already, while it was fitted
                 strategies.append(f"summary:{summary[1]}")
+        exchange.pruned_tokens = max(exchange.prompt_tokens_before - sent, 0)
         if not pruned.fits:
             strategies.append("over_budget")
             log.info("request %s stays over its budget of %d tokens after pruning", exchange.request_id, budget.max_tokens)

@@ -355,3 +355,27 @@ def test_the_response_says_what_pruning_did(start: Callable[..., tuple[openai.Op
     assert raw.headers["x-thrifty-prune"] == f"drop_middle,summary:extractive; tokens_before={before}"
     untouched = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages[-2:])  # type: ignore[call-overload]
     assert "x-thrifty-prune" not in untouched.headers
+
+
+def test_an_upstream_with_another_tokenizer_is_credited_in_its_own_tokens(
+    start: Callable[..., tuple[openai.OpenAI, Path]], fake: FakeUpstream, counter: TokenCounter
+) -> None:
+    """An upstream whose tokenizer counts 30% more (Claude, Llama): the prompt before pruning is
+    what it counted plus what thrifty removed, not thrifty's count of the whole prompt."""
+
+    async def handler(payload: dict[str, Any], request: web.Request) -> web.StreamResponse | None:
+        body = completion(payload)
+        prompt = round(counter.count_messages(payload["messages"], "gpt-4o") * 1.3)
+        body["usage"] = {"prompt_tokens": prompt, "completion_tokens": 5, "total_tokens": prompt + 5}
+        return web.json_response(body)
+
+    fake.handler = handler
+    client, db_path = start()
+    messages = conversation(120)
+    ours_before = counter.count_messages(messages, "gpt-4o")
+    request_id = ask(client, messages, {"x-thrifty-max-input-tokens": "1500"})
+    ours_sent = counter.count_messages(fake.requests[-1].payload["messages"], "gpt-4o")
+    row = record(db_path, request_id)
+    assert row["prompt_tokens"] == round(ours_sent * 1.3)
+    assert row["prompt_tokens_before"] == row["prompt_tokens"] + (ours_before - ours_sent)
+    assert row["savings_pruning_nusd"] > 0
