@@ -3,6 +3,9 @@
 Every chat completion gets the same small canned ``chat.completion`` JSON; a request with
 ``"stream": true`` gets a canned SSE stream of 10 chunks (role, 8 content pieces, finish)
 plus a usage chunk when ``stream_options.include_usage`` asks for it, then ``data: [DONE]``.
+A few upstream model names behave otherwise, for the soak test (``soak.py``): ``bench-fail``
+answers 500, ``bench-slow`` answers after 0.3 s, ``bench-nousage`` streams without a usage
+chunk even when asked; ``POST /v1/embeddings`` answers a fixed 8-dimension vector per input.
 No access log, uvloop when installed, loopback only. It runs as its own process:
 
     python -m tests.benchmarks.fixed_upstream --port 8999
@@ -63,23 +66,42 @@ STREAM_CHUNKS: tuple[bytes, ...] = (
 USAGE_CHUNK = _event({**_BASE, "choices": [], "usage": _USAGE})
 DONE = b"data: [DONE]\n\n"
 _JSON_HEADERS = {"Content-Type": "application/json"}
+_FAIL = orjson.dumps({"error": {"message": "bench-fail always fails", "type": "server_error", "code": None}})
+_VECTOR = [0.125, -0.25, 0.5, 0.0, 0.75, -0.5, 0.25, 0.125]
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     payload = orjson.loads(raw) if raw else {}
-    if not isinstance(payload, dict) or payload.get("stream") is not True:
+    if not isinstance(payload, dict):
+        return web.Response(body=COMPLETION, headers=_JSON_HEADERS)
+    model = payload.get("model")
+    if model == "bench-fail":
+        return web.Response(status=500, body=_FAIL, headers=_JSON_HEADERS)
+    if model == "bench-slow":
+        await asyncio.sleep(0.3)
+    if payload.get("stream") is not True:
         return web.Response(body=COMPLETION, headers=_JSON_HEADERS)
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     for chunk in STREAM_CHUNKS:
         await response.write(chunk)
-    if (payload.get("stream_options") or {}).get("include_usage"):
+    if (payload.get("stream_options") or {}).get("include_usage") and model != "bench-nousage":
         await response.write(USAGE_CHUNK)
     await response.write(DONE)
     await response.write_eof()
     return response
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    payload = orjson.loads(await request.read() or b"{}")
+    texts = payload.get("input") if isinstance(payload, dict) else None
+    count = len(texts) if isinstance(texts, list) else 1
+    data = [{"object": "embedding", "index": i, "embedding": _VECTOR} for i in range(count)]
+    usage = {"prompt_tokens": 4 * count, "total_tokens": 4 * count}
+    body = {"object": "list", "data": data, "model": payload.get("model", MODEL), "usage": usage}
+    return web.Response(body=orjson.dumps(body), headers=_JSON_HEADERS)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -91,6 +113,7 @@ def make_app() -> web.Application:
     app = web.Application()
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat)
+        app.router.add_post(f"{prefix}/embeddings", embeddings)
         app.router.add_get(f"{prefix}/models", models)
     return app
 
