@@ -30,6 +30,7 @@ from proxy.pipeline.cache import open_cache, open_semantic, semantic_wanted
 from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.prune import open_pruner
+from proxy.pipeline.ratelimit import open_limiter
 from proxy.pipeline.route import blended_prices, load_router
 from proxy.pipeline.upstream import Upstream
 from proxy.policy.reload import PolicyReloader
@@ -99,6 +100,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 router.attach(prices=blended_prices([m.name for m in models], ledger.price_of), spend=guard)
             if guard is not None:
                 stack.push_async_callback(guard.close)  # settles still running, then Redis closes
+            limiter = await open_limiter(settings.rate_limits, settings.budgets, guard, models, counter)
+            if limiter is not None:
+                stack.push_async_callback(limiter.close)  # before the guard's: they may share a Redis client
             cache = open_cache(settings.cache)
             if telemetry is not None:
                 telemetry.cache = cache
@@ -119,6 +123,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 providers=providers,
                 models_body=_models_body(models),
                 guard=guard,
+                limiter=limiter,
                 router=router,
                 cache=cache,
                 health=health,

@@ -12,6 +12,7 @@ from proxy.pipeline.cache import ResponseCache
 from proxy.pipeline.guard import Guard
 from proxy.pipeline.ledger import Ledger
 from proxy.pipeline.prune import Pruner
+from proxy.pipeline.ratelimit import RateLimiter
 from proxy.pipeline.route import Router
 from proxy.pipeline.upstream import Upstream
 from proxy.policy.reload import PolicyReloader
@@ -38,6 +39,7 @@ class Gateway:
     providers: dict[str, Provider] = field(default_factory=dict)
     models_body: bytes = b'{"object":"list","data":[]}'
     guard: Guard | None = None  # None when no budgets are configured
+    limiter: RateLimiter | None = None  # None when no rate limits are configured
     router: Router | None = None  # None when no routing policy is configured
     cache: ResponseCache | None = None  # None when the cache is turned off
     pruner: Pruner | None = None  # context pruning (a budget from policy, config or x-thrifty-max-input-tokens)

@@ -36,6 +36,8 @@ from proxy.settings import (
     ModelConfig,
     PriceConfig,
     PruneConfig,
+    RateLimit,
+    RateLimitsConfig,
     ServerConfig,
     Settings,
     TelemetryConfig,
@@ -107,7 +109,7 @@ def local_servers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return (("ollama", ollama), ("llamacpp", llamacpp))
 
 
-_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "cache", "upstream", "prune", "telemetry"}
+_TOP_KEYS = {"models", "auth", "ledger", "server", "prices", "budgets", "rate_limits", "cache", "upstream", "prune", "telemetry"}
 
 
 def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
@@ -123,6 +125,7 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
     server = _server(doc, data.get("server", {}))
     prices = _prices(doc, data.get("prices", {}))
     budgets = _budgets(doc, data.get("budgets", {}))
+    rate_limits = _rate_limits(doc, data.get("rate_limits", {}))
     cache = _cache(doc, data.get("cache", {}), {m.name for m in models})
     upstream = _upstream(doc, data.get("upstream", {}))
     prune = _prune(doc, data.get("prune", {}), {m.name for m in models})
@@ -134,6 +137,7 @@ def from_document(doc: Document, env: Mapping[str, str]) -> Settings:
         server=server,
         prices=prices,
         budgets=budgets,
+        rate_limits=rate_limits,
         cache=cache,
         upstream=upstream,
         prune=prune,
@@ -276,6 +280,35 @@ def _budgets(doc: Document, data: Any) -> BudgetsConfig:
             raise doc.error(("budgets", "limits", index), f"a {limit.period} {limit.scope} {limit.name!r} budget is set twice")
         limits[limit.scope, limit.name, limit.period] = limit
     return BudgetsConfig(redis_url=redis_url, redis_cluster=cluster, limits=tuple(limits.values()))
+
+
+def _rate_limits(doc: Document, data: Any) -> RateLimitsConfig:
+    data = read_section(doc, ("rate_limits",), data, {"redis_url", "redis_cluster", "window_seconds", "limits"})
+    redis_url = read_str(doc, ("rate_limits", "redis_url"), data.get("redis_url")) or None
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise doc.error(("rate_limits", "redis_url"), "must start with redis://, rediss:// or unix://")
+    if not isinstance(data.get("redis_cluster", False), bool):
+        raise doc.error(("rate_limits", "redis_cluster"), "must be true or false")
+    window = read_seconds(doc, ("rate_limits", "window_seconds"), data.get("window_seconds", 60.0))
+    items = data.get("limits") or []
+    if not isinstance(items, list):
+        raise doc.error(("rate_limits", "limits"), "must be a list of {key|team|app, rpm, tpm}")
+    limits: dict[tuple[str, str], RateLimit] = {}
+    for index, item in enumerate(items):
+        path: yamlsource.Path = ("rate_limits", "limits", index)
+        item = read_section(doc, path, item, {*BUDGET_SCOPES, "rpm", "tpm"})
+        scopes = [s for s in BUDGET_SCOPES if s in item]
+        if len(scopes) != 1:
+            raise doc.error(path, 'needs exactly one of key, team or app (a name, or "*" for each one separately)')
+        name = read_str(doc, (*path, scopes[0]), item[scopes[0]], required=True)
+        rpm, tpm = (None if item.get(k) is None else read_int(doc, (*path, k), item[k], 1) for k in ("rpm", "tpm"))
+        if rpm is None and tpm is None:
+            raise doc.error(path, "needs rpm, tpm or both")
+        if (scopes[0], name) in limits:
+            raise doc.error(path, f"a rate limit for {scopes[0]} {name!r} is set twice")
+        limits[scopes[0], name] = RateLimit(scopes[0], name, rpm, tpm)
+    cluster = bool(data.get("redis_cluster", False))
+    return RateLimitsConfig(redis_url=redis_url, redis_cluster=cluster, window_seconds=window, limits=tuple(limits.values()))
 
 
 def _cache(doc: Document, data: Any, models: set[str]) -> CacheConfig:

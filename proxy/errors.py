@@ -16,6 +16,7 @@ prints it as one line and exits with code 2.
     ├── MethodNotAllowed        405
     ├── PayloadTooLarge         413 request_too_large
     ├── BudgetExceeded          429 budget_exceeded (a hard budget would be crossed)
+    ├── RateLimited             429 rate_limit_exceeded (type requests or tokens; Retry-After)
     ├── UpstreamError           the upstream's own status and message, passed on
     ├── UpstreamUnavailable     502 (connection refused, reset, bad reply)
     ├── UpstreamTimeout         504
@@ -106,6 +107,20 @@ class BudgetExceeded(ThriftyError):
     code = "budget_exceeded"
     # The OpenAI SDKs retry a 429 unless told not to: a spent budget does not come back in seconds.
     headers: ClassVar[Mapping[str, str]] = {"x-should-retry": "false"}
+
+
+class RateLimited(ThriftyError):
+    """A rate limit (requests or tokens a minute) of the caller's key, team or app is reached: no upstream
+    call was made. OpenAI's shape: type ``requests`` or ``tokens``, with Retry-After and x-ratelimit-*."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, kind: str, headers: Mapping[str, str]):
+        super().__init__(message)
+        self.type = kind
+        # Per refusal, unlike the class-wide headers of the other errors (the middleware reads exc.headers).
+        vars(self)["headers"] = dict(headers)
 
 
 class UpstreamError(ThriftyError):

@@ -126,6 +126,25 @@ class BudgetsConfig:
     limits: tuple[BudgetLimit, ...] = ()
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    """One line of ``rate_limits.limits``: requests and tokens a window for a key, team or app ("*": each one)."""
+
+    scope: str  # key | team | app
+    name: str  # an id or name, or "*" for every one of the scope separately
+    rpm: int | None = None  # requests a window
+    tpm: int | None = None  # prompt tokens plus output allowance a window (corrected to actual usage)
+
+
+@dataclass(frozen=True)
+class RateLimitsConfig:
+    # Shared windows across replicas (the budgets' connection is reused for the same URL).
+    redis_url: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False
+    window_seconds: float = 60.0  # "per minute" unless changed
+    limits: tuple[RateLimit, ...] = ()
+
+
 CACHE_SCOPES = ("team", "key")
 CACHE_MODES = ("exact", "semantic", "off")
 
@@ -209,6 +228,7 @@ class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     prices: Mapping[str, PriceConfig] = field(default_factory=dict)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)

@@ -32,6 +32,7 @@ from proxy.pipeline.auth import Principal, bearer_token
 from proxy.pipeline.cache import Plan
 from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.guard import Ticket, hold_price
+from proxy.pipeline.ratelimit import Pass
 from proxy.pipeline.upstream import Served
 from proxy.telemetry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -40,6 +41,7 @@ log = logging.getLogger("thrifty.api")
 _JSON = "application/json"
 _EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _BUDGET = web.RequestKey("budget_ticket", Ticket)  # the request's budget hold, settled once in _proxied
+_RATE = web.RequestKey("rate_pass", Pass)  # the request's rate-limit count, its tokens corrected once in _proxied
 
 
 async def _authenticate(gateway: Gateway, request: web.Request) -> Principal:
@@ -74,10 +76,21 @@ async def _proxied(request: web.Request, endpoint: str, parse: Callable[[bytes],
         exchange.status, exchange.error_code = 500, "internal_error"
         raise
     finally:
-        settle = None
+        settle: Callable[[Exchange], None] | None = None
         if _BUDGET in request and gateway.guard is not None:
             settle = functools.partial(gateway.guard.settle, request[_BUDGET])
+        if _RATE in request and gateway.limiter is not None:
+            settle = _both(settle, functools.partial(gateway.limiter.settle, request[_RATE]))
         gateway.ledger.record(exchange, then=settle)  # prices the exchange if nothing did yet
+
+
+def _both(first: Callable[[Exchange], None] | None, second: Callable[[Exchange], None]) -> Callable[[Exchange], None]:
+    def settle(exchange: Exchange) -> None:
+        if first is not None:
+            first(exchange)
+        second(exchange)
+
+    return settle
 
 
 async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRequest, exchange: Exchange) -> web.StreamResponse:
@@ -97,6 +110,9 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
         if hit is not None:
             return await _answer_cached(request, gateway, exchange, hit)
     parsed = await gateway.pruner.prune(exchange, parsed, request.headers) if gateway.pruner else parsed
+    rate = await gateway.limiter.admit(exchange) if gateway.limiter else None
+    if rate is not None:
+        request[_RATE] = rate
     ticket = await gateway.guard.admit(exchange, hold_price(exchange, gateway.ledger.price_of)) if gateway.guard else None
     if ticket is not None:
         request[_BUDGET] = ticket
@@ -105,6 +121,8 @@ async def _forward(request: web.Request, gateway: Gateway, parsed: wire.ParsedRe
     served = await gateway.upstream.serve(exchange, parsed)  # retries, fallbacks, cascade; sets exchange.target
     reply = served.reply
     headers = {"x-request-id": exchange.request_id, "x-thrifty-model": served.target.name}
+    if rate is not None:
+        headers.update(rate.headers)
     if exchange.route is not None:
         headers["x-thrifty-route"] = exchange.route
     if gateway.cache is not None and exchange.endpoint == "chat/completions":
