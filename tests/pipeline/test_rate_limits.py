@@ -22,7 +22,8 @@ from proxy.app_state import GATEWAY
 from proxy.config import load_settings
 from proxy.errors import ConfigError
 from proxy.pipeline.auth import MASTER, Principal
-from proxy.pipeline.ratelimit import Counts, Limit, LimitIndex, applicable, duration, estimate, headers, retry_after
+from proxy.pipeline.ratelimit import Limit, LimitIndex, applicable, duration, headers, retry_after
+from proxy.pipeline.ratelimit_store import Counts, estimate
 from proxy.settings import NANO_PER_USD, BudgetLimit, BudgetsConfig, RateLimit, RateLimitsConfig, Settings
 from tests.api.conftest import wait_until
 from tests.conftest import MASTER_KEY, settings_for
@@ -174,7 +175,8 @@ def test_the_request_past_the_limit_is_refused_with_openai_headers(
     assert "Rate limit reached for key master: 3 requests" in error["message"]
     refused = caught.value.response.headers
     # 3 in this window weigh 3 * (1 - s/60) after it ends in 30 s: one more fits 20 s later
-    assert refused["Retry-After"] == "50"
+    assert (refused["Retry-After"], refused["retry-after-ms"]) == ("50", "50000")
+    assert "x-should-retry" not in refused  # the SDK's own retries wait Retry-After and then fit
     assert (refused["x-ratelimit-remaining-requests"], refused["x-ratelimit-limit-requests"]) == ("0", "3")
     assert len(fake.requests) == 3  # the refused request never reached the upstream
     assert ledger_rows(gateway, 4)[-1] == (429, "rate_limit_exceeded")
@@ -192,7 +194,8 @@ def test_a_tokens_limit_counts_the_allowance_then_the_actual_usage(
         with pytest.raises(openai.RateLimitError) as caught:  # its allowance alone is above the limit
             client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=200)  # type: ignore[arg-type]
         assert caught.value.body["type"] == "tokens"  # type: ignore[index]
-        assert caught.value.response.headers["Retry-After"] == "60"
+        assert caught.value.response.headers["x-should-retry"] == "false"  # it never fits: the SDK does not retry
+        assert "Request too large for key master: it may use 2" in caught.value.body["message"]  # type: ignore[index]
         # 60 allowed + the prompt is held at admission, then corrected to the few tokens really used:
         # without the correction the second request (another ~70) would be over 100
         first = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, max_tokens=60)  # type: ignore[arg-type]
