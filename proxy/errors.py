@@ -55,6 +55,11 @@ class ThriftyError(Exception):
             }
         }
 
+    def add_headers(self, extra: Mapping[str, str]) -> None:
+        """Headers for this response only (the class's stay as they are): a refusal's Retry-After, or
+        the rate-limit headers every response of a limited caller carries."""
+        vars(self)["headers"] = {**self.headers, **extra}
+
 
 class BadRequest(ThriftyError):
     status = 400
@@ -119,8 +124,7 @@ class RateLimited(ThriftyError):
     def __init__(self, message: str, kind: str, headers: Mapping[str, str]):
         super().__init__(message)
         self.type = kind
-        # Per refusal, unlike the class-wide headers of the other errors (the middleware reads exc.headers).
-        vars(self)["headers"] = dict(headers)
+        self.add_headers(headers)
 
 
 class UpstreamError(ThriftyError):

@@ -68,6 +68,8 @@ async def _proxied(request: web.Request, endpoint: str, parse: Callable[[bytes],
         return await _forward(request, gateway, parsed, exchange)
     except ThriftyError as exc:
         exchange.status, exchange.error_code = exc.status, exc.code or exc.type
+        if _RATE in request:  # a limited caller's error responses carry its x-ratelimit-* headers too
+            exc.add_headers(request[_RATE].headers)
         raise
     except asyncio.CancelledError:
         exchange.status, exchange.error_code = 499, "client_disconnected"

@@ -246,6 +246,18 @@ def test_redis_down_fails_open_to_a_limit_per_process(
             client.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]
     assert len(fake.requests) == 2
     assert sum("rate limit store (Redis) unreachable" in r.message for r in caplog.records) == 1  # logged once
+    private_redis.start()  # back, empty, on the same port: counting moves back to Redis within the back-off
+    window = f"thrifty:rate:{{key:master}}:60:{int(MID_WINDOW // 60)}"
+    with redis.Redis.from_url(private_redis.url) as r, sdk(gateway) as client:
+
+        def counted_in_redis() -> bool:
+            try:
+                client.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]
+            except openai.RateLimitError:
+                return False
+            return r.hget(window, "r") is not None
+
+        assert wait_until(counted_in_redis, timeout=8)
 
 
 def test_a_caller_with_no_limit_makes_no_redis_call(
@@ -280,10 +292,14 @@ def test_the_budgets_redis_connection_is_shared_when_the_url_is_the_same(
     start_gateway: Any, upstream: tuple[FakeUpstream, ThreadServer], tmp_path: Path, private_redis: RedisProcess
 ) -> None:
     settings = limited(settings_for(upstream[1].url, tmp_path), private_redis.url, RateLimit("key", "master", 5, None))
-    limit = BudgetLimit("key", "master", "daily", None, 10 * NANO_PER_USD)
+    limit = BudgetLimit("key", "master", "daily", None, NANO_PER_USD // 1000)  # $0.001
     gateway = start(start_gateway, replace(settings, budgets=BudgetsConfig(redis_url=private_redis.url, limits=(limit,))))
     state = gateway.app[GATEWAY]  # type: ignore[index]
     assert state.limiter.store.shared.client is state.guard.store.shared.client
     with sdk(gateway) as client:
         served = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, max_tokens=5)  # type: ignore[arg-type]
-    assert served.headers["x-ratelimit-remaining-requests"] == "4"
+        assert served.headers["x-ratelimit-remaining-requests"] == "4"
+        with pytest.raises(openai.RateLimitError) as caught:  # a budget refusal of a limited caller: its headers too
+            client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=10_000)  # type: ignore[arg-type]
+    assert caught.value.body["code"] == "budget_exceeded"  # type: ignore[index]
+    assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "3"
