@@ -48,7 +48,7 @@ EXPIRE_GRACE = 2 * 86400
 MAX_RETRY_DELAY = 5.0
 MAX_UNSYNCED = 100_000
 # Whatever Redis or the socket raises means "unreachable for now": the guard never fails a request for it.
-_UNREACHABLE = (RedisError, OSError)
+UNREACHABLE = (RedisError, OSError)
 
 
 def counter_key(scope: str, name: str, period: str, window: str) -> str:
@@ -326,7 +326,7 @@ class FailoverBudgetStore:
             try:
                 await self._replay()
                 result = await self.shared.reserve(counters, rid, amount, ttl)
-            except _UNREACHABLE as exc:
+            except UNREACHABLE as exc:
                 self._down(exc)
             else:
                 self._up()
@@ -342,7 +342,7 @@ class FailoverBudgetStore:
         if held_in_redis and self._clock() >= self._retry_at:
             try:
                 seen = await self.shared.settle_seen(counters, rid, amount)
-            except _UNREACHABLE as exc:
+            except UNREACHABLE as exc:
                 self._down(exc)
             else:
                 self._up()
@@ -389,7 +389,7 @@ class FailoverBudgetStore:
         if self._unsynced:
             try:
                 await self._replay()
-            except _UNREACHABLE as exc:
+            except UNREACHABLE as exc:
                 log.warning("budget spend made while Redis was away could not be replayed at shutdown (%s)", exc)
         await self.shared.close()
 

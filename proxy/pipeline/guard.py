@@ -46,7 +46,7 @@ DEFAULT_OUTPUT_CAP = 4096
 # A hold outlives the model's total timeout by this much before it counts as abandoned.
 HOLD_GRACE = 60.0
 # Prompts longer than this (characters) are counted on a worker thread, off the event loop.
-_INLINE_CHARS = 32_000
+INLINE_CHARS = 32_000
 _MAX_WARNED = 10_000
 _MAX_SEEN = 100_000  # budget windows whose spend is remembered for routing
 
@@ -155,7 +155,7 @@ def prompt_tokens(counter: TokenCounter, endpoint: str, payload: Mapping[str, An
     return total + (counter.count_text(orjson.dumps(extras).decode(), model) if extras else 0)
 
 
-def _size(payload: Mapping[str, Any]) -> int:
+def payload_size(payload: Mapping[str, Any]) -> int:
     """Roughly how much text a request carries (characters), cheaply."""
     messages = payload.get("messages") or payload.get("input") or ()
     if isinstance(messages, str):
@@ -235,7 +235,7 @@ class Guard:
         if not budgets or exchange.target is None:
             return None
         target, payload = exchange.target, exchange.payload or {}
-        if _size(payload) > _INLINE_CHARS or not self._counter.ready(target.target_model):
+        if payload_size(payload) > INLINE_CHARS or not self._counter.ready(target.target_model):
             prompt = await asyncio.to_thread(prompt_tokens, self._counter, exchange.endpoint, payload, target.target_model)
         else:
             prompt = prompt_tokens(self._counter, exchange.endpoint, payload, target.target_model)
@@ -342,7 +342,7 @@ def output_caps(models: Iterable[ModelConfig], raw: Mapping[str, Any]) -> dict[s
     return caps
 
 
-def _read_output_caps(models: list[ModelConfig]) -> dict[str, int]:
+def read_output_caps(models: list[ModelConfig]) -> dict[str, int]:
     return output_caps(models, litellm_models())
 
 
@@ -352,7 +352,7 @@ async def open_guard(config: BudgetsConfig, models: Iterable[ModelConfig]) -> Gu
         return None
     counter = TokenCounter()
     await asyncio.to_thread(counter.warm)
-    caps = await asyncio.to_thread(_read_output_caps, list(models))
+    caps = await asyncio.to_thread(read_output_caps, list(models))
     store = open_store(config.redis_url, cluster=config.redis_cluster)
     if config.redis_url is None:
         log.info("budgets are kept per process (no budgets.redis_url): each replica enforces them alone")

@@ -30,7 +30,7 @@ from proxy.cost.tokens import TokenCounter
 from proxy.errors import RateLimited
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.exchange import Exchange
-from proxy.pipeline.guard import _INLINE_CHARS, Guard, _read_output_caps, _size, output_allowance, prompt_tokens
+from proxy.pipeline.guard import INLINE_CHARS, Guard, output_allowance, payload_size, prompt_tokens, read_output_caps
 from proxy.pipeline.ratelimit_store import (
     Counts,
     FailoverRateStore,
@@ -184,7 +184,7 @@ class RateLimiter:
         if any(limit.tpm is not None for limit in limits):
             target, payload = exchange.target, exchange.payload or {}
             args = (self._counter, exchange.endpoint, payload, target.target_model)
-            if _size(payload) > _INLINE_CHARS or not self._counter.ready(target.target_model):
+            if payload_size(payload) > INLINE_CHARS or not self._counter.ready(target.target_model):
                 prompt = await asyncio.to_thread(prompt_tokens, *args)
             else:
                 prompt = prompt_tokens(*args)
@@ -253,7 +253,7 @@ async def open_limiter(
     if any(limit.tpm is not None for limit in config.limits):  # token counts need the encodings and output caps
         models = list(models)
         await asyncio.to_thread(counter.warm, {m.target_model for m in models})
-        caps = await asyncio.to_thread(_read_output_caps, models)
+        caps = await asyncio.to_thread(read_output_caps, models)
     if config.redis_url is None:
         log.info("rate limits are kept per process (no rate_limits.redis_url): each replica enforces them alone")
     return RateLimiter(config, open_store(config, budgets, guard), counter, caps)

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from proxy.cost.budgets import _UNREACHABLE, retry_delay
+from proxy.cost.budgets import UNREACHABLE, retry_delay
 
 log = logging.getLogger("thrifty.ratelimit")
 
@@ -192,7 +192,7 @@ class FailoverRateStore:
         if self._clock() >= self._retry_at:
             try:
                 verdict = await self.shared.admit(keys, caps, tokens, elapsed)
-            except _UNREACHABLE as exc:
+            except UNREACHABLE as exc:
                 self._down(exc)
             else:
                 self._up()
@@ -204,7 +204,7 @@ class FailoverRateStore:
             try:
                 await self.shared.correct(keys, delta)
                 return
-            except _UNREACHABLE as exc:
+            except UNREACHABLE as exc:
                 self._down(exc)
         await self.local.correct(keys, delta)
 
