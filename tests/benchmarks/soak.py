@@ -66,7 +66,12 @@ def policy_yaml() -> str:
     )
 
 
-def config_yaml(port: int, upstream: str, master: str, workdir: Path, redis_url: str, metrics_token: str) -> str:
+OFF = ("semantic", "cache", "prune", "budgets", "policy")  # --off: bisecting a growth by turning features off
+
+
+def config_yaml(
+    port: int, upstream: str, master: str, workdir: Path, redis_url: str, metrics_token: str, off: frozenset[str] = frozenset()
+) -> str:
     models = "".join(
         f"  - name: {name}\n    provider: openai-compatible\n    base_url: {upstream}/v1\n"
         f"    api_key: sk-soak-upstream\n    upstream_model: {up}\n"
@@ -89,16 +94,24 @@ def config_yaml(port: int, upstream: str, master: str, workdir: Path, redis_url:
         f"auth:\n  master_key: {master}\n  key_cache_seconds: 10\n"
         f"ledger:\n  url: sqlite:///{workdir / 'ledger.db'}\n"
         f"server:\n  host: 127.0.0.1\n  port: {port}\n  workers: 1\n  access_log: false\n"
-        f"policies: {workdir / 'policy.yaml'}\n"
-        "upstream:\n  retries: 1\n  breaker_failures: 5\n  breaker_cooldown: 5\n  probe_interval: 0\n"
-        f"budgets:\n  redis_url: {redis_url}\n  limits:\n"
-        "    - {team: '*', period: daily, soft_usd: 50, hard_usd: 100}\n"
-        "    - {key: '*', period: monthly, hard_usd: 100}\n"
-        f"cache:\n  redis_url: {redis_url}\n  mode: semantic\n  ttl_seconds: 600\n  semantic_max_per_tenant: 200\n"
+        + ("policies: false\n" if "policy" in off else f"policies: {workdir / 'policy.yaml'}\n")
+        + "upstream:\n  retries: 1\n  breaker_failures: 5\n  breaker_cooldown: 5\n  probe_interval: 0\n"
+        + (
+            ""
+            if "budgets" in off
+            else f"budgets:\n  redis_url: {redis_url}\n  limits:\n"
+            "    - {team: '*', period: daily, soft_usd: 50, hard_usd: 100}\n"
+            "    - {key: '*', period: monthly, hard_usd: 100}\n"
+        )
+        + f"cache:\n  redis_url: {redis_url}\n  mode: {_cache_mode(off)}\n  ttl_seconds: 600\n  semantic_max_per_tenant: 200\n"
         "  memory_entries: 500\n  memory_bytes: 4194304\n"
-        "prune:\n  max_input_tokens: 600\n  keep_last: 4\n  summarize: true\n"
-        f"telemetry:\n  metrics: true\n  metrics_token: {metrics_token}\n"
+        + ("" if "prune" in off else "prune:\n  max_input_tokens: 600\n  keep_last: 4\n  summarize: true\n")
+        + f"telemetry:\n  metrics: true\n  metrics_token: {metrics_token}\n"
     )
+
+
+def _cache_mode(off: frozenset[str]) -> str:
+    return "'off'" if "cache" in off else "exact" if "semantic" in off else "semantic"
 
 
 async def create_keys(ledger: Path, teams: int, per_team: int) -> list[str]:
@@ -327,6 +340,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--redis-db", type=int, default=14, help="a Redis database index used by nothing else (must be empty)")
+    parser.add_argument("--off", action="append", default=[], choices=OFF, help="turn a feature off (repeatable)")
     parser.add_argument("--teams", type=int, default=20)
     parser.add_argument("--keys-per-team", type=int, default=3)
     args = parser.parse_args()
@@ -346,7 +360,8 @@ def main() -> int:
         up_port, port = free_port(), free_port()
         (workdir / "policy.yaml").write_text(policy_yaml(), encoding="utf-8")
         config = workdir / "thrifty.yaml"
-        config.write_text(config_yaml(port, f"http://127.0.0.1:{up_port}", master, workdir, redis_url, token), encoding="utf-8")
+        text = config_yaml(port, f"http://127.0.0.1:{up_port}", master, workdir, redis_url, token, frozenset(args.off))
+        config.write_text(text, encoding="utf-8")
         servers = []
         try:
             upstream = start(
