@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import random
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -327,9 +328,14 @@ def redis_cleanup(url: str) -> int:
     import redis
 
     client = redis.Redis.from_url(url)
-    deleted = 0
+    deleted, batch = 0, []
     for key in client.scan_iter("thrifty:*", count=1000):
-        deleted += int(client.delete(key))
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += int(client.unlink(*batch))
+            batch = []
+    if batch:
+        deleted += int(client.unlink(*batch))
     client.close()
     return deleted
 
@@ -341,6 +347,7 @@ def main() -> int:
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--redis-db", type=int, default=14, help="a Redis database index used by nothing else (must be empty)")
     parser.add_argument("--off", action="append", default=[], choices=OFF, help="turn a feature off (repeatable)")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the upstream's and thrifty's logs here at the end")
     parser.add_argument("--teams", type=int, default=20)
     parser.add_argument("--keys-per-team", type=int, default=3)
     args = parser.parse_args()
@@ -389,6 +396,9 @@ def main() -> int:
         finally:
             for server in reversed(servers):
                 stop(server)
+                if args.keep_logs:
+                    args.keep_logs.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(server.log, args.keep_logs / server.log.name)
             print(f"redis db {args.redis_db}: deleted {redis_cleanup(redis_url)} thrifty keys")
     return 0 if ok else 1
 
