@@ -196,6 +196,10 @@ async def _relay(
         await response.write(tail)
         await response.write_eof()
         return response
+    except ConnectionResetError:  # the client closed while its stream was being written
+        exchange.status, exchange.error_code = 499, "client_disconnected"
+        log.info("client of request %s disconnected mid-stream", exchange.request_id)
+        return response  # aiohttp's own write_eof then meets the closed transport quietly
     finally:
         if exchange.usage is None:
             _settle(exchange, tap)
