@@ -191,7 +191,7 @@ async def _relay(
         if plan is not None and reply.status == 200 and gateway.cache is not None:
             gateway.cache.store_stream(plan, tap.events, tap.usage, exchange.usage)
         tail = cost_comment(usd(priced.cost), usd(priced.net_savings)) + wire.SSE_DONE
-        if tap.usage is None and exchange.usage is not None and _wants_usage(exchange):
+        if tap.usage is None and exchange.usage is not None and wire.wants_usage(exchange.payload or {}):
             tail = usage_chunk(tap.events, exchange.usage.prompt_tokens, exchange.usage.completion_tokens) + tail
         await response.write(tail)
         await response.write_eof()
@@ -225,7 +225,7 @@ async def _answer_cached(request: web.Request, gateway: Gateway, exchange: Excha
         headers["x-thrifty-route"] = exchange.route
     if not exchange.stream:
         return web.Response(body=response_body(hit), headers={**headers, "Content-Type": _JSON})
-    include_usage = _wants_usage(exchange)
+    include_usage = wire.wants_usage(exchange.payload or {})
     exchange.first_byte = time.perf_counter()
     response = web.StreamResponse(status=200, headers={**_EVENT_STREAM_HEADERS, **headers})
     await response.prepare(request)
@@ -233,12 +233,6 @@ async def _answer_cached(request: web.Request, gateway: Gateway, exchange: Excha
     await response.write(body)
     await response.write_eof()
     return response
-
-
-def _wants_usage(exchange: Exchange) -> bool:
-    """Whether the client asked for a final usage chunk (``stream_options.include_usage``)."""
-    options = (exchange.payload or {}).get("stream_options")
-    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def _settle(exchange: Exchange, tap: StreamTap) -> None:

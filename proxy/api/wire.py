@@ -83,6 +83,12 @@ def parse_embeddings(raw: bytes) -> ParsedRequest:
     return ParsedRequest(model, False, payload, raw)
 
 
+def wants_usage(payload: dict[str, Any]) -> bool:
+    """Whether the client asked for a stream's final usage chunk (``stream_options.include_usage``)."""
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
 def for_target(request: ParsedRequest, upstream_model: str) -> tuple[bytes, bool]:
     """The body to send upstream, and whether thrifty added ``include_usage`` itself.
 
@@ -96,7 +102,7 @@ def for_target(request: ParsedRequest, upstream_model: str) -> tuple[bytes, bool
     added_usage = False
     if request.stream:
         options = request.payload.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage")):
+        if not wants_usage(request.payload):
             changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
             added_usage = True
     if not changes:

@@ -19,15 +19,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+
+from proxy import redisclient
+from proxy.redisclient import UNREACHABLE
 
 log = logging.getLogger("thrifty.cache")
 
 MAX_RETRY_DELAY = 5.0
-_UNREACHABLE = (RedisError, OSError, TimeoutError)
 
 
 class CacheStore(Protocol):
@@ -105,25 +103,10 @@ class RedisStore:
 
 
 def connect(url: str, timeout: float, *, cluster: bool = False) -> aioredis.Redis | aioredis.RedisCluster:
-    """A client that gives up within ``timeout`` (the caller fails open) and reconnects on its own."""
-    if cluster:
-        return aioredis.RedisCluster.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    # A bounded pool: a burst waits briefly for a connection instead of opening hundreds. After
-    # a Redis restart every pooled connection is dead; one immediate retry on a fresh connection
-    # keeps each of them from counting as "Redis down" (and from starting a back-off) once.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=64,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
+    """A client that gives up within ``timeout`` (the lookup sits on the hot path; the caller fails open)."""
+    return redisclient.connect(
+        url, socket_timeout=timeout, connect_timeout=timeout, pool_timeout=timeout, max_connections=64, cluster=cluster
     )
-    client = aioredis.Redis(connection_pool=pool)
-    client.auto_close_connection_pool = True
-    return client
 
 
 def retry_delay(failures: int) -> float:
@@ -149,7 +132,7 @@ class FailOpenStore:
             return None
         try:
             value = await self.inner.get(key)
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             self._down(exc)
             return None
         self._up()
@@ -160,7 +143,7 @@ class FailOpenStore:
             return
         try:
             await self.inner.set(key, value, ttl)
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             self._down(exc)
             return
         self._up()
@@ -180,5 +163,5 @@ class FailOpenStore:
     async def close(self) -> None:
         try:
             await self.inner.close()
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             log.debug("cache store close: %s", exc)

@@ -36,9 +36,9 @@ from typing import Protocol
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+
+from proxy import redisclient
+from proxy.redisclient import UNREACHABLE
 
 log = logging.getLogger("thrifty.budgets")
 
@@ -47,8 +47,6 @@ KEY_PREFIX = "thrifty:budget:"
 EXPIRE_GRACE = 2 * 86400
 MAX_RETRY_DELAY = 5.0
 MAX_UNSYNCED = 100_000
-# Whatever Redis or the socket raises means "unreachable for now": the guard never fails a request for it.
-UNREACHABLE = (RedisError, OSError)
 
 
 def counter_key(scope: str, name: str, period: str, window: str) -> str:
@@ -212,23 +210,11 @@ def _keys(counters: Sequence[Counter]) -> list[str]:
 
 
 def connect(url: str, *, cluster: bool = False) -> aioredis.Redis | aioredis.RedisCluster:
-    """A client that fails fast (the guard fails open) and reconnects on its own on the next call."""
-    if cluster:
-        return aioredis.RedisCluster.from_url(url, socket_timeout=1.0, socket_connect_timeout=0.5)
-    # A bounded pool: a burst of requests queues for a connection instead of opening hundreds;
-    # waiting is congestion, not an outage, so it may take longer than a socket timeout.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=128,
-        timeout=3.0,
-        socket_timeout=1.0,
-        socket_connect_timeout=0.5,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 1),  # once, for a pooled connection that Redis closed
+    """A client that fails fast (the guard fails open); waiting for a pooled connection is
+    congestion, not an outage, so it may take longer than a socket timeout."""
+    return redisclient.connect(
+        url, socket_timeout=1.0, connect_timeout=0.5, pool_timeout=3.0, max_connections=128, cluster=cluster
     )
-    client = aioredis.Redis(connection_pool=pool)
-    client.auto_close_connection_pool = True
-    return client
 
 
 @dataclass(slots=True)

@@ -21,7 +21,8 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from proxy.cost.budgets import UNREACHABLE, retry_delay
+from proxy.cost.budgets import retry_delay
+from proxy.redisclient import UNREACHABLE
 
 log = logging.getLogger("thrifty.ratelimit")
 

@@ -270,8 +270,7 @@ def _accepted(response: dict[str, Any], first: Served, parsed: wire.ParsedReques
         reply = Reply(reply.status, JSON, body=orjson.dumps(response), headers=reply.headers)
     if not parsed.stream:
         return Served(reply, first.target, False, b"")
-    options = parsed.payload.get("stream_options")
-    asked_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    asked_usage = wire.wants_usage(parsed.payload)
     usage = usage_from_openai(response.get("usage"))
     events = replay(Entry("", response, usage, 0.0), include_usage=True) + wire.SSE_DONE
     return Served(Reply(200, "text/event-stream", chunks=_nothing_more()), first.target, not asked_usage, events)
