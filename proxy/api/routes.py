@@ -21,6 +21,7 @@ from aiohttp import web
 from proxy.api import wire
 from proxy.api.admin import add_admin_routes
 from proxy.api.admin_page import add_admin_page_route
+from proxy.api.feedback import add_feedback_routes
 from proxy.api.middleware import REQUEST_ID
 from proxy.api.reports import add_report_routes
 from proxy.api.sse import StreamTap, cost_comment, usage_chunk
@@ -287,5 +288,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     add_report_routes(app)
+    add_feedback_routes(app)
     add_admin_routes(app)
     add_admin_page_route(app)

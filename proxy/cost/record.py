@@ -61,6 +61,8 @@ class LedgerRecord:
     cascade: str | None = None
     similarity: float | None = None
     prune: str | None = None
+    # v5: the learned difficulty score routing saw (0 to 1), for `policy calibrate`
+    difficulty: float | None = None
 
     def row(self) -> tuple[Any, ...]:
         return _ROW(self)
@@ -76,5 +78,6 @@ _ROW = operator.attrgetter(*COLUMNS)
 
 
 def from_json(data: dict[str, Any]) -> LedgerRecord:
-    values: dict[str, Any] = {name: data.get(name) for name in COLUMNS}
+    # a field added later (absent from an older spill file) keeps its default
+    values: dict[str, Any] = {name: data[name] for name in COLUMNS if name in data}
     return LedgerRecord(**values)

@@ -20,6 +20,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import orjson
@@ -51,6 +52,12 @@ class LedgerWriter:
     @property
     def pending(self) -> int:
         return len(self._buffer)
+
+    def pending_for(self, request_id: str) -> list[LedgerRecord]:
+        """The records of ``request_id`` still waiting in this process's buffer (not yet in the
+        store): a feedback can name a request answered a moment ago. A scan, for a rare call,
+        so that ``submit`` keeps its one append."""
+        return [r for r in self._buffer if r.request_id == request_id]
 
     @property
     def healthy(self) -> bool:
@@ -226,4 +233,6 @@ def _read_spill(path: Path) -> Iterator[LedgerRecord]:
                     log.error("skipping a torn line in %s (a crash mid-write)", path.name)
 
 
-_FIELDS = frozenset(COLUMNS)
+# The fields every record has had (those added by later migrations have defaults): a spill
+# file written by an older thrifty replays with the new ones empty.
+_FIELDS = frozenset(f.name for f in fields(LedgerRecord) if f.default is MISSING)

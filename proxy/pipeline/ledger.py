@@ -184,6 +184,7 @@ class Ledger:
             cascade=exchange.cascade,
             similarity=exchange.similarity,
             prune=exchange.prune,
+            difficulty=features.difficulty if features else None,
         )
 
 

@@ -54,6 +54,7 @@ class Features:
     prompt_tokens: int | None = None  # the exact count, when someone paid for it
     now: float = 0.0  # epoch seconds
     task_class: str | None = None  # from the cheap classifier (``classify``), when some rule asks for it
+    difficulty: float | None = None  # the learned difficulty score (0 to 1), when some rule asks for it
     # The state of the world the request is routed in, read without I/O (filled by the router
     # only when the policy looks at it): budget spend shares by scope ("team", "key", "app";
     # "*" the tightest of them), and the backends' health and latency.

@@ -109,6 +109,25 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        5,
+        (
+            # The learned difficulty score routing saw, and what users said of the answers
+            # (``POST /v1/thrifty/feedback``), both read by ``thrifty policy calibrate``.
+            "ALTER TABLE ledger ADD COLUMN difficulty {real}",
+            "CREATE INDEX IF NOT EXISTS ledger_request_id ON ledger (request_id)",
+            # key_id is the key that made the request (request ids are the client's to choose, so
+            # two keys may share one); one row per request and key: the latest feedback wins.
+            """CREATE TABLE IF NOT EXISTS feedback (
+                request_id TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                score {real} NOT NULL,
+                comment TEXT,
+                ts {real} NOT NULL,
+                PRIMARY KEY (request_id, key_id)
+            )""",
+        ),
+    ),
 )
 
 _DIALECT = {
