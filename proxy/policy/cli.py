@@ -1,4 +1,4 @@
-"""``thrifty policy check PATH``, ``explain --request FILE [--policy PATH]`` and ``simulate PATH [--since 30d]``.
+"""``thrifty policy check PATH``, ``explain --request FILE [--policy PATH]``, ``simulate PATH [--since 30d]`` and ``calibrate``.
 
 Wired into ``proxy.cli`` by :func:`add_policy_parser` and :func:`run_policy`. ``check``
 validates a policy against the models of the configuration (``--config``) and exits 0, or
@@ -11,6 +11,8 @@ sends it, and ``"budget": {"team": 0.85}`` (spend shares by scope), ``"down": [m
 ``simulate`` reads the ledger (the configuration's ``ledger.url``) in pages,
 ordered by time, replays it through the candidate (``proxy.policy.simulate``) and prints
 the projection as a table or JSON, with a progress bar on stderr when that is a terminal.
+``calibrate`` reads the chat records carrying a difficulty score, with their cascade verdict
+and latest feedback, and proposes a difficulty threshold (``proxy.policy.calibrate``).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.cost.prices import PriceTable, load_litellm_prices, overrides_from_config
+from proxy.cost.prices import Price, PriceTable, load_litellm_prices, overrides_from_config
 from proxy.cost.tokens import TokenCounter
 from proxy.errors import ConfigError
 from proxy.pipeline.auth import Principal
 from proxy.pipeline.route import COUNTING_MODEL, blended_prices
+from proxy.policy.calibrate import SELECT, Outcome, Projection, build_report, difficulty_rule, outcome_of
+from proxy.policy.calibrate import render_table as render_calibration
 from proxy.policy.capabilities import capabilities_for
 from proxy.policy.engine import evaluate
 from proxy.policy.features import StaticBackends, extract, with_tokens
@@ -43,6 +47,7 @@ _EPILOG = """examples:
   thrifty policy check policies/default.yaml --config thrifty.yaml
   thrifty policy explain --request req.json --policy policies/default.yaml
   thrifty policy simulate policies/candidate.yaml --since 30d --config thrifty.yaml
+  thrifty policy calibrate --since 30d --target-hard-small 0.05 --config thrifty.yaml
 """
 
 
@@ -64,7 +69,15 @@ def add_policy_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--since", type=parse_since, default="30d", help="how far back: 30d, 12h, 90m or an ISO date (default 30d)"
     )
     simulate.add_argument("--format", choices=("table", "json"), default="table")
-    for sub in (check, explain, simulate):
+    calibrate = commands.add_parser("calibrate", help="propose a difficulty threshold from cascade verdicts and feedback")
+    calibrate.add_argument("--since", type=parse_since, default="30d", help="how far back (default 30d)")
+    calibrate.add_argument("--policy", metavar="PATH", help="the policy file (default: the configuration's policies:)")
+    calibrate.add_argument(
+        "--target-hard-small", type=parse_share, default=0.05, metavar="SHARE",
+        help="the most bad outcomes allowed among requests sent small, 0 to 1 (default 0.05)",
+    )  # fmt: skip
+    calibrate.add_argument("--format", choices=("table", "json"), default="table")
+    for sub in (check, explain, simulate, calibrate):
         sub.add_argument("--config", metavar="FILE", help="YAML configuration naming the models (default: $THRIFTY_CONFIG)")
     return policy
 
@@ -77,6 +90,8 @@ def run_policy(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if args.policy_command == "simulate":
         return asyncio.run(_simulate(settings, args))
+    if args.policy_command == "calibrate":
+        return asyncio.run(_calibrate(settings, args))
     path = args.policy or settings.policies
     if path is None:
         raise ConfigError("no policy to explain: pass --policy PATH or set policies: in the configuration")
@@ -183,15 +198,34 @@ def parse_since(text: str, now: float | None = None) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
+def parse_share(text: str) -> float:
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise argparse.ArgumentTypeError(f"--target-hard-small takes a share from 0 to 1, like 0.05, not {text!r}")
+    return share
+
+
+def _prices(settings: Settings) -> tuple[dict[str, Price], dict[str, float]]:
+    """Today's unit prices by configured model, and the blended ones "cheapest" rules compare."""
+    table = PriceTable(load_litellm_prices(), overrides_from_config(settings.prices))
+    prices = {m.name: table.for_model(m) for m in settings.models}
+    return prices, blended_prices(prices, prices.__getitem__)
+
+
+def _window(since: float) -> str:
+    return f"since {datetime.fromtimestamp(since, UTC).strftime('%Y-%m-%d %H:%M')} UTC"
+
+
 async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from proxy.storage.database import open_database
 
     policy = load_policy(args.path, settings.models)
-    table = PriceTable(load_litellm_prices(), overrides_from_config(settings.prices))
-    prices = {m.name: table.for_model(m) for m in settings.models}
-    blended = blended_prices(prices, prices.__getitem__)
+    prices, blended = _prices(settings)
     sim = Simulation(policy, capabilities_for(settings.models), prices, blended)
     since: float = args.since  # argparse ran parse_since, on the default too
     db = await open_database(settings.ledger.url)
@@ -206,7 +240,7 @@ async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await db.close()
     report = sim.report()
-    window = f"since {datetime.fromtimestamp(since, UTC).strftime('%Y-%m-%d %H:%M')} UTC"
+    window = _window(since)
     if args.format == "json":
         print(json.dumps({"window": {"since": datetime.fromtimestamp(since, UTC).isoformat()}, **report}, indent=2))
     else:
@@ -214,15 +248,21 @@ async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _pages(db: Any, since: float, size: int = 2000) -> AsyncIterator[list[Any]]:
-    """Chat records since ``since`` in (ts, id) order, a page at a time (keyset: no OFFSET scans)."""
+async def _pages(
+    db: Any, since: float, size: int = 2000, *, select: str = COLUMNS, source: str = "ledger", p: str = "", also: str = ""
+) -> AsyncIterator[list[Any]]:
+    """Chat records since ``since`` in (ts, id) order, a page at a time (keyset: no OFFSET scans).
+    ``select`` starts with ``id, ts``; ``p`` is the ledger's alias in ``source`` (``"l."``); ``also``, more conditions."""
     after: tuple[Any, Any] | None = None
     while True:
-        where, args = "ts >= ?", [since]
+        where, args = f"{p}ts >= ?", [since]
         if after is not None:
-            where, args = "(ts > ? OR (ts = ? AND id > ?))", [after[0], after[0], after[1]]
+            where, args = f"({p}ts > ? OR ({p}ts = ? AND {p}id > ?))", [after[0], after[0], after[1]]
         rows = await db.fetch(
-            f"SELECT {COLUMNS} FROM ledger WHERE endpoint = 'chat/completions' AND {where} ORDER BY ts, id LIMIT ?", *args, size
+            f"SELECT {select} FROM {source} WHERE {p}endpoint = 'chat/completions'{also} AND {where}"
+            f" ORDER BY {p}ts, {p}id LIMIT ?",
+            *args,
+            size,
         )
         if not rows:
             return
@@ -230,3 +270,46 @@ async def _pages(db: Any, since: float, size: int = 2000) -> AsyncIterator[list[
         if len(rows) < size:
             return
         after = (rows[-1][1], rows[-1][0])
+
+
+async def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from proxy.storage.database import open_database
+
+    path = args.policy or settings.policies
+    policy = load_policy(path, settings.models) if path else None
+    rule = difficulty_rule(policy) if policy is not None else None
+    prices, blended = _prices(settings)
+    since: float = args.since
+    scored: list[tuple[Record, float]] = []
+    outcomes: list[Outcome] = []
+    db = await open_database(settings.ledger.url)
+    try:
+        counted = await db.fetch(
+            f"SELECT COUNT(*) FROM ledger WHERE endpoint = 'chat/completions'{_SCORED.format(p='')} AND ts >= ?", since
+        )
+        bar = tqdm(total=int(counted[0][0]), unit="req", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+        with bar:
+            scored_only = _SCORED.format(p="l.")
+            async for page in _pages(db, since, select=SELECT, source=_CALIBRATE_SOURCE, p="l.", also=scored_only):
+                for row in page:
+                    outcome = outcome_of(tuple(row), rule)
+                    scored.append((Record.of(row[:-3]), float(row[-3])))
+                    if outcome is not None:
+                        outcomes.append(outcome)
+                bar.update(len(page))
+    finally:
+        await db.close()
+    projection = Projection(capabilities_for(settings.models), prices, blended)
+    report = build_report(policy, _window(since), scored, outcomes, args.target_hard_small, projection)
+    if args.format == "json":
+        print(json.dumps({**report, "window": {"since": datetime.fromtimestamp(since, UTC).isoformat()}}, indent=2))
+    else:
+        print(render_calibration(report))
+    return 0
+
+
+_SCORED = " AND {p}difficulty IS NOT NULL AND {p}status < 400"  # failed requests have no answer to judge
+# The latest feedback per request and key is the only one kept (the feedback table's key).
+_CALIBRATE_SOURCE = "ledger l LEFT JOIN feedback f ON f.request_id = l.request_id AND f.key_id = l.key_id"
