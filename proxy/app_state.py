@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -23,6 +24,9 @@ from proxy.settings import ModelConfig, Settings
 from proxy.storage.database import Database
 from proxy.storage.keys import KeyStore
 from proxy.telemetry import Telemetry
+
+if TYPE_CHECKING:  # numpy and onnxruntime load only when an embedder is configured
+    from proxy.cache.embedder import Embedder
 
 log = logging.getLogger("thrifty.app")
 
@@ -59,3 +63,6 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+# The one embedder the process runs (the semantic cache's; the router's difficulty score takes it too).
+# Set at start-up when something needs one; absent otherwise (``app.get(EMBEDDER)`` is None).
+EMBEDDER: web.AppKey[Embedder] = web.AppKey("embedder")
