@@ -1,0 +1,1 @@
+"""``thrifty bench``: replays a workload through thrifty and reports what each lever saved and risked."""
