@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import orjson
@@ -39,6 +41,8 @@ from proxy.settings import ModelConfig
 log = logging.getLogger("thrifty.route")
 
 COUNTING_MODEL = "gpt-4o"  # o200k_base: the encoding token conditions are measured in
+EMBED_FAILURES_LOGGED_EVERY = 100  # an embedder failure is logged once per this many
+Embed = Callable[[str], Awaitable[Any]]  # text -> its 384-d vector (the semantic cache's embedder)
 
 
 class SpendView(Protocol):
@@ -59,6 +63,7 @@ class Router:
         prices: Mapping[str, float] | None = None,
         backends: BackendState | None = None,
         spend: SpendView | None = None,
+        embed: Embed | None = None,
     ):
         self.policy = policy
         self.capabilities = capabilities
@@ -68,6 +73,11 @@ class Router:
         self.prices = prices  # blended USD per 1M tokens by model, for "cheapest"
         self.backends = backends
         self.spend = spend
+        # The difficulty score's embedder (a seam: the lead wires the one shared with the semantic
+        # cache) and model, loaded only when some rule of the policy matches on difficulty.
+        self.embed = embed
+        self._difficulty: Any = None
+        self._embed_failures = 0
 
     def attach(self, *, prices: Mapping[str, float] | None = None, spend: SpendView | None = None) -> None:
         """What start-up builds after the router (the ledger's prices, the budget guard)."""
@@ -107,9 +117,13 @@ class Router:
         exchange.policy_version = policy.version
         features = self.features(policy, exchange, parsed.payload, headers)
         decision = evaluate(policy, features, self.capabilities, prices=self.prices)
-        if decision.needs_tokens:
-            tokens = await asyncio.to_thread(self.count, parsed.payload)
-            features = with_tokens(features, tokens)
+        for _ in range(2):  # each kind of missing value is filled in at most once
+            if decision.needs_difficulty:
+                features = replace(features, difficulty=await self.difficulty(features.last_user, parsed.payload))
+            elif decision.needs_tokens:
+                features = with_tokens(features, await asyncio.to_thread(self.count, parsed.payload))
+            else:
+                break
             decision = evaluate(policy, features, self.capabilities, prices=self.prices)
         exchange.features, exchange.decision = features, decision
         if decision.model is None:
@@ -119,6 +133,25 @@ class Router:
             return parsed
         exchange.route = decision.rule
         return rewrite(parsed, decision)
+
+    async def difficulty(self, text: str, payload: Mapping[str, Any]) -> float:
+        """The learned score of the last user message; NaN (no rule matches) when it cannot be had."""
+        if self._difficulty is None:
+            from proxy.policy.difficulty import load
+
+            self._difficulty = await asyncio.to_thread(load)
+        try:
+            if self.embed is None:
+                raise RuntimeError("no embedder configured for difficulty rules")
+            vector = await self.embed(text)
+        except Exception as exc:  # any embedder failure: route without the score, never fail the request
+            if self._embed_failures % EMBED_FAILURES_LOGGED_EVERY == 0:
+                log.warning("difficulty score unavailable (%d failures so far): %s", self._embed_failures + 1, exc)
+            self._embed_failures += 1
+            return math.nan
+        messages = payload.get("messages")
+        depth = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "user") if isinstance(messages, list) else 1
+        return float(self._difficulty.score(vector, text, max(depth, 1)))
 
     def count(self, payload: Mapping[str, Any]) -> int:
         return self._counter.count_messages(payload.get("messages") or (), COUNTING_MODEL)
@@ -160,8 +193,21 @@ async def load_router(path: str | None, models: Sequence[ModelConfig], *, backen
 
     def build() -> Router:
         policy = load_policy(path, models)
-        return Router(policy, capabilities_for(models), [m.name for m in models], backends=backends)
+        embed = _local_embed() if policy.difficulty else None  # until the shared embedder is wired
+        return Router(policy, capabilities_for(models), [m.name for m in models], backends=backends, embed=embed)
 
     router = await asyncio.to_thread(build)
     log.info("routing policy %s (version %s): %d rules", path, router.policy.version, len(router.policy.rules))
     return router
+
+
+def _local_embed() -> Embed:
+    """An in-process MiniLM for difficulty rules (built off the event loop, only when the policy has one)."""
+    from proxy.cache.embedder import LocalEmbedder
+
+    embedder = LocalEmbedder()
+
+    async def embed(text: str) -> Any:
+        return (await embedder.embed([text]))[0]
+
+    return embed

@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Mapping
 
 from proxy.policy.capabilities import NEEDS_TOKENS, UNKNOWN, Capabilities, unfit
-from proxy.policy.model import Action, Decision, Features, Policy, Rule
+from proxy.policy.model import Action, Decision, Difficulty, Features, Policy, Rule
 
 _INF = math.inf
 
@@ -47,7 +47,8 @@ def evaluate(
         for condition in rule.conditions:
             verdict = condition.test(features)
             if verdict is None:
-                return Decision(None, None, policy.version, needs_tokens=True, notes=tuple(notes))
+                score = isinstance(condition, Difficulty)  # the other undecided kind: exact tokens
+                return Decision(None, None, policy.version, needs_tokens=not score, needs_difficulty=score, notes=tuple(notes))
             if not verdict:
                 failed = condition
                 break

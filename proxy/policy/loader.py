@@ -28,6 +28,7 @@ from proxy.policy.classify import CLASSES
 from proxy.policy.model import (
     BudgetShare,
     Condition,
+    Difficulty,
     Flag,
     Health,
     Keywords,
@@ -46,9 +47,9 @@ from proxy.yamlsource import Document, Path
 _TOP = {"version", "description", "aliases", "rules"}
 _RULE = {"name", "description", "match", "action"}
 _MATCH = {"model", "key", "team", "app", "tags", "headers", "prompt_tokens", "tools", "images", "json", "keywords", "regex"}
-_MATCH |= {"time", "task_class", "budget", "health"}
+_MATCH |= {"time", "task_class", "budget", "health", "difficulty"}
 _BUDGET_SCOPES = ("team", "key", "app")
-_COST = {"BudgetShare": 1, "TokenRange": 1, "Health": 2, "Keywords": 2, "Pattern": 3, "TimeWindow": 4}
+_COST = {"Difficulty": 5, "BudgetShare": 1, "TokenRange": 1, "Health": 2, "Keywords": 2, "Pattern": 3, "TimeWindow": 4}
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _IDENTITY: dict[str, Any] = {
     "model": operator.attrgetter("model"),
@@ -95,7 +96,8 @@ def parse_policy(text: str, source: str, models: Sequence[ModelConfig]) -> Polic
     headers = frozenset(name for c in conditions if c.key == "headers" for name, _ in _pairs_of(c))
     scopes = frozenset(c.scope for c in conditions if isinstance(c, BudgetShare))
     classify, classify_for = _classify_for(rules)
-    return Policy(tuple(rules), version, source, resolver.resolved, headers, classify, classify_for, scopes)
+    difficulty = any(isinstance(c, Difficulty) for c in conditions)
+    return Policy(tuple(rules), version, source, resolver.resolved, headers, classify, classify_for, scopes, difficulty)
 
 
 def _classify_for(rules: list[Rule]) -> tuple[bool, frozenset[str] | None]:
@@ -169,6 +171,8 @@ def _conditions(doc: Document, path: Path, match: dict[str, Any], resolver: Reso
             out.append(_budget(doc, at, value))
         elif key == "health":
             out.append(_health(doc, at, value, resolver))
+        elif key == "difficulty":
+            out.append(_difficulty(doc, at, value))
         else:
             out.append(_time_window(doc, at, value))
     return tuple(sorted(out, key=lambda c: _COST.get(type(c).__name__, 0)))  # cheap tests first: a miss stops early
@@ -261,3 +265,15 @@ def _health(doc: Document, path: Path, value: Any, resolver: Resolver) -> Health
     down = resolver.expand(strings(doc, (*path, "down"), value["down"]), (*path, "down")) if "down" in value else ()
     up = resolver.expand(strings(doc, (*path, "up"), value["up"]), (*path, "up")) if "up" in value else ()
     return Health("health", f"health down {sorted(down)} up {sorted(up)}", down, up)
+
+
+def _difficulty(doc: Document, path: Path, value: Any) -> Difficulty:
+    value = read_section(doc, path, value, {"above", "below"})
+    if not value:
+        raise doc.error(path, "needs above, below or both: a difficulty score between 0 and 1, e.g. {above: 0.6}")
+    why = "a difficulty score between 0 and 1"
+    above = read_share(doc, (*path, "above"), value["above"], why) if "above" in value else None
+    below = read_share(doc, (*path, "below"), value["below"], why) if "below" in value else None
+    if above is not None and below is not None and above >= below:
+        raise doc.error((*path, "above"), "must be below the below bound")
+    return Difficulty("difficulty", f"difficulty in ({above}, {below})", above, below)

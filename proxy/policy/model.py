@@ -195,6 +195,41 @@ def _quoted(f: Features) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Difficulty(Condition):
+    """The learned difficulty score (``proxy.policy.difficulty``) is above ``above`` and/or below ``below``.
+
+    ``test`` answers None while the score is not computed (the router embeds and evaluates again,
+    as for exact token counts); a score that could not be computed (the embedder failed) is
+    recorded as NaN and never matches."""
+
+    above: float | None = None
+    below: float | None = None
+
+    def test(self, f: Features) -> bool | None:
+        score = f.difficulty
+        if score is None:
+            return None
+        if score != score:  # NaN: no score (embedder failure): the rule does not match
+            return False
+        return (self.above is None or score > self.above) and (self.below is None or score < self.below)
+
+    def implies(self, other: Condition) -> bool:
+        if not isinstance(other, Difficulty):
+            return False
+        low_ok = other.above is None or (self.above is not None and self.above >= other.above)
+        high_ok = other.below is None or (self.below is not None and self.below <= other.below)
+        return low_ok and high_ok
+
+    def seen(self, f: Features) -> str:
+        score = f.difficulty
+        if score is None:
+            return "the difficulty score is not computed"
+        return (
+            "the difficulty score is unknown (the embedder failed)" if score != score else f"the difficulty score is {score:.2f}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TimeWindow(Condition):
     days: frozenset[int] = frozenset(range(7))  # Monday is 0
     start: int = 0  # minutes after midnight, inclusive
@@ -338,6 +373,7 @@ class Policy:
     classify: bool = False  # some rule matches on task_class: classify each request
     classify_for: frozenset[str] | None = None  # only requests for these models (every task_class rule names them); None: all
     budget_scopes: frozenset[str] = frozenset()  # scopes some budget condition reads ("*": the tightest)
+    difficulty: bool = False  # some rule matches on the learned difficulty score: compute it
 
     def rule_named(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
@@ -353,6 +389,7 @@ class Decision:
     fallbacks: tuple[str, ...] = ()  # recorded for the upstream stage; not yet tried
     max_tokens: int | None = None
     needs_tokens: bool = False  # count the prompt's tokens and evaluate again
+    needs_difficulty: bool = False  # score the request's difficulty (an embedding) and evaluate again
     notes: tuple[str, ...] = ()  # why rules did not apply (all of them when explaining)
     cascade: Cascade | None = None  # escalate from model to fallbacks[0] when the answer fails a check
     cache: RouteCache | None = None
