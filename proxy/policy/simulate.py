@@ -113,6 +113,8 @@ def _unknowable(condition: Condition, f: Features) -> str | None:
         return UNSTORED[condition.key]
     if condition.key == "task_class" and f.task_class is None:
         return "a task class (not computed when the request was served)"
+    if condition.key == "difficulty" and f.difficulty is None:
+        return "a difficulty score (not computed when the request was served)"
     return None
 
 
