@@ -28,7 +28,7 @@ from proxy.discovery import discover_local
 from proxy.pipeline.auth import Authenticator
 from proxy.pipeline.cache import open_cache, open_semantic, semantic_wanted
 from proxy.pipeline.guard import open_guard
-from proxy.pipeline.ledger import Ledger
+from proxy.pipeline.ledger import Ledger, set_baseline
 from proxy.pipeline.prune import open_pruner
 from proxy.pipeline.ratelimit import open_limiter
 from proxy.pipeline.route import blended_prices, load_router
@@ -93,6 +93,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             counter = TokenCounter()  # one per process: each loaded encoding holds 30 to 70 MB
             ledger = await _ledger(settings, db, {m.name: m for m in models}, counter)
             stack.push_async_callback(ledger.close)
+            set_baseline(
+                ledger, settings.ledger.baseline_model, router.policy.aliases if router else {}, {m.name: m for m in models}
+            )
             if telemetry is not None:
                 ledger.observe = telemetry.record
             guard = await open_guard(settings.budgets, models)

@@ -230,7 +230,7 @@ def _upstream(doc: Document, data: Any) -> UpstreamConfig:
 
 
 def _ledger(doc: Document, data: Any) -> LedgerConfig:
-    data = read_section(doc, ("ledger",), data, {"url", "spill_dir", "buffer_records"})
+    data = read_section(doc, ("ledger",), data, {"url", "spill_dir", "buffer_records", "baseline_model"})
     base = LedgerConfig()
     url = read_str(doc, ("ledger", "url"), data.get("url", base.url))
     if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
@@ -239,6 +239,7 @@ def _ledger(doc: Document, data: Any) -> LedgerConfig:
         url=url,
         spill_dir=read_str(doc, ("ledger", "spill_dir"), data.get("spill_dir", base.spill_dir), required=True),
         buffer_records=read_int(doc, ("ledger", "buffer_records"), data.get("buffer_records", base.buffer_records), 100),
+        baseline_model=read_str(doc, ("ledger", "baseline_model"), data.get("baseline_model")) or None,
     )
 
 

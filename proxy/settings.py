@@ -91,6 +91,10 @@ class LedgerConfig:
     spill_dir: str = "thrifty-spill"
     # Records held in memory while the store is down, before they go to the spill file.
     buffer_records: int = 20_000
+    # What a request for an alias with no price (``auto``) would have cost without thrifty: the
+    # baseline its savings are measured against. None: the policy's default cloud target
+    # (``proxy.pipeline.ledger.default_baseline``).
+    baseline_model: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from decimal import Decimal
 
@@ -26,6 +26,7 @@ from proxy.cost.pricing import Charge, Usage, charge
 from proxy.cost.record import LedgerRecord
 from proxy.cost.tokens import TokenCounter, estimate_tokens
 from proxy.cost.writer import LedgerWriter
+from proxy.errors import ConfigError
 from proxy.pipeline.exchange import Exchange
 from proxy.policy.classify import classify
 from proxy.policy.features import extract
@@ -44,6 +45,9 @@ class Ledger:
         self._by_model: dict[str, Price] = {name: prices.for_model(m) for name, m in models.items()}
         self._counting = TaskSet("ledger-count")
         self.observe: Callable[[Exchange], None] | None = None  # telemetry: sees each priced exchange once
+        # The baseline of a request for an alias with no price ("auto"): what it would have cost
+        # without thrifty (``ledger.baseline_model``, else ``default_baseline``); None: the served model.
+        self.baseline_model: str | None = None
 
     def price_of(self, model: str) -> Price:
         found = self._by_model.get(model) or self._prices.for_name(model)
@@ -81,9 +85,11 @@ class Ledger:
         served = self.price_of(exchange.target.name) if exchange.target else Price.free("none")
         requested = self.price_of(exchange.requested_model) if exchange.requested_model else served
         if requested.source == "unknown":
-            # An alias such as "auto" names no priced model: no baseline to claim routing savings
-            # against, so the served model is its own baseline (savings 0, never a made-up figure).
-            requested = served
+            # An alias such as "auto" names no priced model: its baseline is the configured (or the
+            # policy's default) cloud model it would have gone to without thrifty; with none, the
+            # served model is its own baseline (savings 0, never a made-up figure).
+            alias = exchange.requested_model not in self._by_model
+            requested = self.price_of(self.baseline_model) if alias and self.baseline_model is not None else served
         before = prompt_before(exchange, usage)
         exchange.charge = charge(
             requested=requested,
@@ -186,6 +192,30 @@ class Ledger:
             prune=exchange.prune,
             difficulty=features.difficulty if features else None,
         )
+
+
+def set_baseline(
+    ledger: Ledger, configured: str | None, aliases: Mapping[str, Sequence[str]], models: Mapping[str, ModelConfig]
+) -> None:
+    """Start-up: the baseline of ``auto`` (``ledger.baseline_model``, checked to have a price, or the default)."""
+    if configured is not None and ledger.price_of(configured).source in ("unknown", "local"):
+        raise ConfigError(f"ledger.baseline_model: {configured!r} has no price (configure it, or set prices.{configured})")
+    ledger.baseline_model = configured or default_baseline(aliases, models, ledger.price_of)
+    log.info("baseline of requests for an unpriced alias (auto): %s", ledger.baseline_model or "the served model")
+
+
+def default_baseline(
+    aliases: Mapping[str, Sequence[str]], models: Mapping[str, ModelConfig], price_of: Callable[[str], Price]
+) -> str | None:
+    """The policy's default cloud target, the baseline of ``auto`` when ``ledger.baseline_model`` is
+    unset: the first configured, priced cloud model of the ``large`` alias, else of the other
+    aliases in the policy's order; None when there is none (the served model is then the baseline)."""
+    ordered = [*aliases.get("large", ()), *(m for name, alias in aliases.items() if name != "large" for m in alias)]
+    for name in ordered:
+        model = models.get(name)
+        if model is not None and not model.is_local and price_of(name).source != "unknown":
+            return name
+    return None
 
 
 def prompt_before(exchange: Exchange, usage: Usage) -> int:
