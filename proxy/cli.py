@@ -14,6 +14,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import NoReturn
 
+from proxy.bench.cli import add_bench_parser
+from proxy.bench.cli import run as run_bench
 from proxy.config import load_settings
 from proxy.cost.report_cli import add_report_parser, run_report
 from proxy.errors import ConfigError
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     add_report_parser(commands)
     add_policy_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run_report(settings, args))
         if args.command == "policy":
             return run_policy(settings, args)
+        if args.command == "bench":
+            return run_bench(args)
         return asyncio.run(_keys(settings, args))
     except ConfigError as exc:
         print(f"thrifty: error: {exc}", file=sys.stderr)
