@@ -42,7 +42,12 @@ def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(table(results))
+    text = table(results)
+    from proxy.bench.report import render
+
+    (out / "report.html").write_text(render(results, text))
+    print(text)
+    print(f"report: {out / 'report.html'}")
     print(f"\nresults: {out / 'results.json'}")
     return 0
 

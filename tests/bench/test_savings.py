@@ -25,6 +25,8 @@ def test_a_short_replay_reports_consistent_figures(tmp_path: Path) -> None:
     assert main(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["requests"] == 250
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<svg") == 2 and "http" not in html
     for figures in results["passes"].values():
         assert figures["errors"] == 0
         assert figures["baseline_usd"] > figures["actual_usd"] > 0
