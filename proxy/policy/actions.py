@@ -14,13 +14,13 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from proxy.policy.model import Action, Arm, Cascade, RouteCache, RoutePrune
+from proxy.policy.model import Action, Arm, Cascade, OneOf, RouteCache, RoutePrune, Rule
 from proxy.settings import ModelConfig
 from proxy.yamlread import read_int, read_section, reject_unknown
 from proxy.yamlsource import Document, Path
 
 LOCAL = "@local"
-_CHOICE = ("target", "split", "cheapest", "fastest", "cascade")  # exactly one: where the request may go
+_CHOICE = ("target", "split", "cheapest", "fastest", "cascade", "route_as")  # exactly one: where the request may go
 _ACTION = {*_CHOICE, "strategy", "max_tokens", "cache", "prune"}
 _STRATEGIES = ("ordered", "cheapest", "fastest")
 _CHECKS = ("empty", "refusal", "json", "short", "confidence")
@@ -52,6 +52,8 @@ def read_action(doc: Document, path: Path, value: Any, resolver: Resolver) -> Ac
     if len(chosen) != 1:
         raise doc.error(path, "needs exactly one of target (a model, an alias or a list), split, cheapest, fastest or cascade")
     kind = chosen[0]
+    if kind == "route_as":
+        return _route_as(doc, path, value)
     cap = None if value.get("max_tokens") is None else read_int(doc, (*path, "max_tokens"), value["max_tokens"], 1)
     strategy = kind if kind in _STRATEGIES else "ordered"
     if "strategy" in value:
@@ -74,6 +76,45 @@ def read_action(doc: Document, path: Path, value: Any, resolver: Resolver) -> Ac
     cache = _route_cache(doc, (*path, "cache"), value["cache"]) if "cache" in value else None
     prune = _route_prune(doc, (*path, "prune"), value["prune"], resolver) if "prune" in value else None
     return Action(arms, cap, inactive, strategy, cascade, cache, prune)
+
+
+def _route_as(doc: Document, path: Path, value: dict[str, Any]) -> Action:
+    """``route_as: auto``: routed by the rules as if the request asked for that model; the rules
+    it lands on set the rest, so it goes alone. ``check_route_as`` checks the name once all rules are read."""
+    extra = sorted(set(value) - {"route_as"})
+    if extra:
+        raise doc.error((*path, extra[0]), "route_as goes alone: the rule the request is routed to sets the rest")
+    name = value["route_as"]
+    if not isinstance(name, str) or not name:
+        raise doc.error((*path, "route_as"), "must name the model a rule routes, e.g. route_as: auto")
+    return Action((), route_as=name)
+
+
+def check_route_as(doc: Document, rules: Sequence[Rule]) -> None:
+    """Every ``route_as`` names a model some other rule routes (a ``model:`` it matches), and its
+    own rule cannot match that model (else a loop: route_as applies once anyway)."""
+    routed = {
+        v
+        for r in rules
+        if r.action.route_as is None
+        for c in r.conditions
+        if c.key == "model" and isinstance(c, OneOf)
+        for v in c.values
+    }
+    for index, rule in enumerate(rules):
+        name = rule.action.route_as
+        if name is None:
+            continue
+        at: Path = ("rules", index, "action", "route_as")
+        own = next((c for c in rule.conditions if c.key == "model" and isinstance(c, OneOf)), None)
+        if own is None or name in own.values:
+            raise doc.error(
+                at,
+                f"rule {rule.name!r} could match its own result: give it match: {{model: ...}} naming other models than {name!r}",
+            )
+        if name not in routed:
+            known = ", ".join(sorted(routed)) or "none"
+            raise doc.error(at, f"route_as {name!r}: no rule routes requests for that model (rules match model: {known})")
 
 
 def _split(doc: Document, path: Path, split: Any, resolver: Resolver) -> tuple[Arm, ...]:

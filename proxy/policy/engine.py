@@ -25,8 +25,10 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
+from dataclasses import replace
 
 from proxy.policy.capabilities import NEEDS_TOKENS, UNKNOWN, Capabilities, unfit
+from proxy.policy.classify import classify
 from proxy.policy.model import Action, Decision, Difficulty, Features, Policy, Rule
 
 _INF = math.inf
@@ -39,6 +41,7 @@ def evaluate(
     *,
     prices: Mapping[str, float] | None = None,
     explain: bool = False,
+    routed_as: bool = False,
 ) -> Decision:
     """The decision for one request; ``prices`` (blended USD per 1M tokens) serve ``cheapest`` rules."""
     notes: list[str] = []
@@ -57,6 +60,13 @@ def evaluate(
                 notes.append(f"{_where(rule)}: not matched: {failed.text} is false ({failed.seen(features)})")
             continue
         action = rule.action
+        if action.route_as is not None:
+            if routed_as:  # once only: a request routed as another model is not routed again
+                continue
+            inner = evaluate(
+                policy, as_model(policy, features, action.route_as), capabilities, prices=prices, explain=explain, routed_as=True
+            )
+            return chained(rule, inner, notes, explain)
         if not action.arms:
             if explain:
                 notes.append(f"{_where(rule)}: matched, but {action.inactive}")
@@ -75,6 +85,22 @@ def evaluate(
             continue
         return _decide(policy, rule, usable, features, prices, notes, explain)
     return Decision(None, None, policy.version, notes=tuple(notes))
+
+
+def as_model(policy: Policy, features: Features, model: str) -> Features:
+    """The request as if it had asked for ``model`` (``route_as``), classified when the policy
+    reads the task class and the requested model's features were read without it."""
+    task_class = features.task_class
+    if policy.classify and task_class is None:
+        task_class = classify(features.last_user, json_mode=features.json_mode is not None)
+    return replace(features, model=model, task_class=task_class)
+
+
+def chained(rule: Rule, inner: Decision, notes: list[str], explain: bool) -> Decision:
+    """A ``route_as`` rule's decision: the rules' one for the other model, named ``outer>inner``."""
+    label = f"{rule.name}>{inner.rule}" if inner.rule is not None else None
+    said = [f"{_where(rule)}: matched: routed as {rule.action.route_as!r}"] if explain else []
+    return replace(inner, rule=label, notes=(*notes, *said, *inner.notes))
 
 
 def _decide(

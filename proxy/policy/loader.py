@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy import yamlsource
 from proxy.errors import ConfigError
-from proxy.policy.actions import Resolver, read_action, read_share, strings
+from proxy.policy.actions import Resolver, check_route_as, read_action, read_share, strings
 from proxy.policy.classify import CLASSES
 from proxy.policy.model import (
     BudgetShare,
@@ -89,6 +89,7 @@ def parse_policy(text: str, source: str, models: Sequence[ModelConfig]) -> Polic
             raise doc.error(("rules", index, "name"), f"rule name {rule.name!r} is used twice")
         _check_reachable(doc, ("rules", index), rule, rules)
         rules.append(rule)
+    check_route_as(doc, rules)
     label = data.get("version")
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     version = f"{label}-{digest}" if isinstance(label, str | int) and not isinstance(label, bool) else digest

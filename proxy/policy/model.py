@@ -349,6 +349,7 @@ class Action:
     cascade: Cascade | None = None
     cache: RouteCache | None = None
     prune: RoutePrune | None = None
+    route_as: str | None = None  # routed by the policy as if it asked for this model (once; ``policy.actions``)
 
     @property
     def total_weight(self) -> int:

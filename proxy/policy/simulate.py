@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.cost.prices import Price
@@ -134,6 +134,9 @@ def gap(policy: Policy, f: Features, capabilities: Mapping[str, Capabilities]) -
             elif condition.test(f) is False:
                 passed = True
                 break
+        if not passed and needs is None and rule.action.route_as is not None:
+            f = replace(f, model=rule.action.route_as)  # the later rules see it as the engine does
+            continue
         if passed or not rule.action.arms or not _capable(rule, f, capabilities):
             continue
         return (rule, needs) if needs else None

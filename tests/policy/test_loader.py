@@ -381,9 +381,16 @@ def test_every_commented_example_in_the_shipped_policy_is_valid() -> None:
     models = tuple(ModelConfig(n, "llamacpp" if n == "gemma" else "openai", DEFAULT_BASE_URLS["openai"]) for n in names)
     examples = shipped_examples()
     assert len(examples) >= 15
+    shipped = text[text.index("rules:") + len("rules:") : text.index("# -----")]
     for example in examples:
+        if "route_as" in example:  # names a model the shipped rules route: checked with them
+            policy = parse_policy(f"{aliases}rules:\n{example}\n{shipped}", "example.yaml", models)
+            assert policy.rules[0].action.route_as == "auto", example
+            continue
         policy = parse_policy(f"{aliases}rules:\n{example}\n", "example.yaml", models)
         assert len(policy.rules) == 1 and policy.rules[0].action.arms, example
     kinds = " ".join(examples)
+    for feature in ("route_as:",):
+        assert feature in kinds
     for feature in ("cascade:", "cheapest:", "fastest:", "budget:", "health:", "cache:", "prune:", "split:", "task_class:"):
         assert feature in kinds
