@@ -31,7 +31,7 @@ from proxy.pipeline.guard import open_guard
 from proxy.pipeline.ledger import Ledger, set_baseline
 from proxy.pipeline.prune import open_pruner
 from proxy.pipeline.ratelimit import open_limiter
-from proxy.pipeline.route import blended_prices, load_router
+from proxy.pipeline.route import SharedEmbed, blended_prices, load_router
 from proxy.pipeline.upstream import Upstream
 from proxy.policy.reload import PolicyReloader
 from proxy.policy.store import PolicyStore
@@ -113,6 +113,13 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
                 stack.push_async_callback(cache.close)  # stores still running, then Redis closes
                 if semantic_wanted(settings.cache, router.policy if router is not None else None):
                     await open_semantic(cache, {m.name: m for m in models}, session, ledger.price_of)  # embedder, warm start
+            if router is not None and isinstance(router.embed, SharedEmbed):
+                shared = cache.semantic.embedder if cache is not None and cache.semantic is not None else None
+                if shared is not None and getattr(shared, "memo", None) is not None:  # in process: one MiniLM for both
+                    router.embed.use(shared)
+                elif router.policy.difficulty:
+                    await router.embed.load()  # off the loop, before the first request waits on it
+                stack.push_async_callback(router.embed.close)
             pruner = await open_pruner(settings.prune, models, providers, counter, ledger.price_of, cache, settings.cache)
             stack.push_async_callback(pruner.close)  # before the cache's store closes
             gateway = Gateway(

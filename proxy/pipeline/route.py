@@ -187,27 +187,50 @@ def blended_prices(models: Iterable[str], price_of: Callable[[str], Price]) -> d
 
 
 async def load_router(path: str | None, models: Sequence[ModelConfig], *, backends: BackendState | None = None) -> Router | None:
-    """The router for the policy at ``path`` (None: no routing); raises ConfigError when invalid."""
+    """The router for the policy at ``path`` (None: no routing); raises ConfigError when invalid.
+
+    Its difficulty embedder is a :class:`SharedEmbed`: the app hands it the semantic cache's
+    in-process embedder when there is one (one MiniLM per process, and a message embedded once for
+    both, through the embedder's memo), else loads it at start when the policy has a difficulty
+    rule, else on the first score a hot-reloaded policy asks for."""
     if path is None:
         return None
 
     def build() -> Router:
         policy = load_policy(path, models)
-        embed = _local_embed() if policy.difficulty else None  # until the shared embedder is wired
-        return Router(policy, capabilities_for(models), [m.name for m in models], backends=backends, embed=embed)
+        return Router(policy, capabilities_for(models), [m.name for m in models], backends=backends, embed=SharedEmbed())
 
     router = await asyncio.to_thread(build)
     log.info("routing policy %s (version %s): %d rules", path, router.policy.version, len(router.policy.rules))
     return router
 
 
-def _local_embed() -> Embed:
-    """An in-process MiniLM for difficulty rules (built off the event loop, only when the policy has one)."""
-    from proxy.cache.embedder import LocalEmbedder
+class SharedEmbed:
+    """text -> vector for difficulty scores: an embedder handed in (:meth:`use`) or, failing that, an
+    in-process MiniLM built off the event loop on first need (imported only then)."""
 
-    embedder = LocalEmbedder()
+    def __init__(self) -> None:
+        self._embedder: Any = None
+        self._owned = False
+        self._lock = asyncio.Lock()
 
-    async def embed(text: str) -> Any:
-        return (await embedder.embed([text]))[0]
+    def use(self, embedder: Any) -> None:
+        if self._embedder is None:
+            self._embedder = embedder
 
-    return embed
+    async def load(self) -> Any:
+        async with self._lock:
+            if self._embedder is None:
+                from proxy.cache.embedder import LocalEmbedder
+
+                self._embedder = await asyncio.to_thread(LocalEmbedder)
+                self._owned = True
+        return self._embedder
+
+    async def __call__(self, text: str) -> Any:
+        embedder = self._embedder or await self.load()
+        return await embedder.embed_one(text)
+
+    async def close(self) -> None:
+        if self._owned and self._embedder is not None:
+            await self._embedder.close()
