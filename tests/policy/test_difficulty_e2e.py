@@ -61,6 +61,7 @@ def test_a_hard_prompt_goes_large_and_a_simple_one_small_with_the_score_in_the_l
         simple = sdk.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": SIMPLE}])
     assert (hard.headers["x-thrifty-route"], hard.headers["x-thrifty-model"]) == ("auto-difficult", "gpt-4o")
     assert (simple.headers["x-thrifty-route"], simple.headers["x-thrifty-model"]) == ("auto-simple", "tiny")
+    assert gateway.app is not None
     router = gateway.app[GATEWAY].router
     assert router is not None and isinstance(router.embed, SharedEmbed)
     if semantic:  # one MiniLM in the process: the router scores with the semantic cache's embedder
