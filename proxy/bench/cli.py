@@ -20,7 +20,7 @@ def add_bench_parser(commands: Any) -> None:
     savings.add_argument("--limit", type=int)
     savings.add_argument("--concurrency", type=int, default=8)
     savings.add_argument("--latency-scale", type=float, default=1.0, help="multiplies the stand-ins' latency (0: none)")
-    savings.add_argument("--as-sent-only", action="store_true", help="skip the second pass (model: auto)")
+    savings.add_argument("--as-sent-only", action="store_true", help="skip the second pass (the route_as: auto opt-in)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,8 +5,10 @@ whole prompt and the large stand-in's answer, with no cache and no pruning; the 
 is the ledger's cost plus thrifty's own overhead (summaries, rejected cascade answers). A
 false hit is a cache hit whose answer's tag names a question that is not a labelled
 duplicate of the request (same ``duplicate_of`` root). Figures go to the terminal and to
-``results.json``. Pass "with the opt-in" sends ``model: auto`` until a ``route_as`` policy
-action exists (labelled so in the output).
+``results.json``. Pass "with the opt-in" replays the same requests through the same policy with
+one rule put first, ``match: {model: [the workload's models]}, action: {route_as: auto}``: the
+opt-in an admin adds so that apps naming their model are routed as if they asked for ``auto``
+(their named model stays the baseline).
 """
 
 from __future__ import annotations
@@ -56,20 +58,30 @@ async def _run(items: list[Item], args: argparse.Namespace) -> dict[str, Any]:
     plans = {tag_of(last_user_text(i.request["messages"])): plan_of(i) for i in items}
     tenants = sorted({i.tenant for i in items})
     passes: dict[str, Any] = {}
-    modes = (
-        [("as sent", None)]
-        if args.as_sent_only
-        else [("as sent", None), ("model: auto (stand-in for the route_as opt-in)", "auto")]
-    )
-    for label, model in modes:
-        async with gateway(tenants, plans, args.policy, args.config, args.local_url, args.latency_scale) as g:
+    modes = [("as sent", args.policy)]
+    if not args.as_sent_only:
+        modes.append(("with the opt-in (route_as: auto)", opt_in_policy(args.policy, sorted({i.model for i in items}), args.out)))
+    for label, policy in modes:
+        async with gateway(tenants, plans, policy, args.config, args.local_url, args.latency_scale) as g:
             bar = Progress(len(items), label)
-            rewrite = (lambda body, m=model: {**body, "model": m}) if model else None
-            outcomes = await replay(g.url, items, g.keys, args.concurrency, rewrite, bar)
+            outcomes = await replay(g.url, items, g.keys, args.concurrency, None, bar)
             bar.close()
         ledger = await read_ledger(g.ledger)
         passes[label] = figures(items, outcomes, ledger, args.latency_scale, stand_in_local=g.local_stand_in)
     return {"requests": len(items), "tenants": len(tenants), "passes": passes}
+
+
+def opt_in_policy(policy: str, models: list[str], out: str) -> str:
+    """The policy with the route_as opt-in for ``models`` as its first rule, written beside the results."""
+    import yaml
+
+    doc = yaml.safe_load(Path(policy).read_text(encoding="utf-8"))
+    rule = {"name": "opt-in-as-auto", "match": {"model": models}, "action": {"route_as": "auto"}}
+    doc["rules"] = [rule, *doc.get("rules", [])]
+    path = Path(out) / "policy-opt-in.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return str(path)
 
 
 async def read_ledger(path: Path) -> dict[str, tuple[Any, ...]]:

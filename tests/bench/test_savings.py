@@ -32,5 +32,5 @@ def test_a_short_replay_reports_consistent_figures(tmp_path: Path) -> None:
         assert figures["baseline_usd"] > figures["actual_usd"] > 0
         assert figures["reduction_pct"] == pytest.approx(100 * (1 - figures["actual_usd"] / figures["baseline_usd"]))
         assert figures["false_hits"] <= figures["cache_hits"]["exact"] + figures["cache_hits"]["semantic"]
-    auto = results["passes"]["model: auto (stand-in for the route_as opt-in)"]
+    auto = results["passes"]["with the opt-in (route_as: auto)"]
     assert auto["served_locally"] > 0
