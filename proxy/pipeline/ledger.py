@@ -190,7 +190,7 @@ class Ledger:
             cascade=exchange.cascade,
             similarity=exchange.similarity,
             prune=exchange.prune,
-            difficulty=features.difficulty if features else None,
+            difficulty=_score(features.difficulty if features else None),
         )
 
 
@@ -263,3 +263,9 @@ def _plain(value: Decimal) -> str:
 
 def _span(start: float | None, end: float | None) -> float | None:
     return None if start is None or end is None else round((end - start) * 1000, 3)
+
+
+def _score(value: float | None) -> float | None:
+    """A difficulty score for the ledger: NaN (the embedder failed) is stored as no score, the same in
+    SQLite (which would make it NULL) and PostgreSQL (which would keep NaN)."""
+    return None if value is None or value != value else value
